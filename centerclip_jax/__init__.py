@@ -1,0 +1,3 @@
+"""centerclip_jax: CenterCLIP (token clustering for text-video retrieval) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,12 @@
+"""LSMDC (LSMDC16 task 1): 1,000-clip public test, model selection on val."""
+
+from centerclip_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.dataset = "lsmdc"
+  c.train_split = "train"
+  c.val_split = "val"
+  c.eval_split = "test"
+  return c
