@@ -28,6 +28,7 @@ def model_config(max_frames: int = 12, num_blocks: int = 12,
   """CenterCLIP model keys (`config.model`), default `B6 - 4, 49` k-medoids++ on ViT-B/32."""
   m = ml_collections.ConfigDict()
   m.arch = "ViT-B/32"             # used for random init when config.init_from is empty
+  m.clip_dims = ml_collections.ConfigDict()  # optional custom CLIPConfig fields (demo)
   m.dtype = "float32"             # compute dtype; params are always float32
   m.remat = False                 # rematerialise residual blocks to save memory
   m.max_frames = max_frames
@@ -131,6 +132,9 @@ def validate_model(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfi
     _fail("model.max_frames", "must be >= 1")
   if not 3 <= int(m.max_words) <= clip_config.context_length:
     _fail("model.max_words", f"must be in [3, {clip_config.context_length}], got {m.max_words}")
+  if m.sim_header == "seqTransf" and clip_config.embed_dim != clip_config.transformer_width:
+    _fail("model.sim_header", "seqTransf needs embed_dim == transformer_width (it reuses "
+          f"text layers), got {clip_config.embed_dim} and {clip_config.transformer_width}")
   if m.sim_header == "seqTransf" and not 1 <= m.seq_transformer_layers <= clip_config.transformer_layers:
     _fail("model.seq_transformer_layers",
           f"must be in [1, {clip_config.transformer_layers}] (copied from the text tower)")
@@ -147,7 +151,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value and ("\x00" in value or not os.path.isabs(os.path.abspath(value))):
       _fail(field, f"{value!r} is not a valid path")
   if not config.init_from:
-    clip_lib.get_preset(config.model.arch)
+    if config.model.get("clip_dims"):
+      try:
+        clip_lib.CLIPConfig.from_dict(config.model.clip_dims.to_dict())
+      except (TypeError, ValueError) as e:
+        _fail("model.clip_dims", str(e))
+    else:
+      clip_lib.get_preset(config.model.arch)
   t = config.train
   if t.global_batch_size < 1:
     _fail("train.global_batch_size", "must be >= 1")

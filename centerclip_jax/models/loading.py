@@ -45,6 +45,8 @@ def clip_config_for(config: ml_collections.ConfigDict) -> clip_lib.CLIPConfig:
           f"config.init_from: {path / CLIP_CONFIG_FILE} not found: {path} is neither a "
           "converted CLIP checkpoint (tools/convert_clip_weights.py) nor a training workdir")
     return read_clip_config(path)
+  if config.model.get("clip_dims"):
+    return clip_lib.CLIPConfig.from_dict(config.model.clip_dims.to_dict())
   return clip_lib.get_preset(config.model.arch)
 
 
@@ -55,7 +57,8 @@ def load_model(config: ml_collections.ConfigDict, rng=None
   - `config.init_from` = a training workdir (it has `checkpoints/`): its latest params.
   - `config.init_from` = a converted CLIP checkpoint: CLIP params + new modules
     initialised from them (see `centerclip.init_params`).
-  - empty: random params of `config.model.arch` (logged as a warning).
+  - empty: random params of `config.model.clip_dims` (a custom architecture, e.g. the
+    demo's) or else of the preset `config.model.arch` (logged as a warning).
   """
   rng = jax.random.PRNGKey(config.seed) if rng is None else rng
   clip_config = clip_config_for(config)

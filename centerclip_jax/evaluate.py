@@ -1,0 +1,98 @@
+"""Evaluation: embed a whole split once, score every caption against every video.
+
+`embed_split` runs the video and text towers over the padded, per-host-sharded eval
+streams of `data.pipeline.eval_datasets`, gathers the embeddings of every host and drops
+the padding, so that every video and caption counts exactly once. `evaluate_split` turns
+them into the retrieval table of `centerclip_jax.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tqdm
+
+from centerclip_jax import metrics as metrics_lib
+from centerclip_jax import parallel
+from centerclip_jax.data import pipeline
+
+
+def make_encoders(model, mesh):
+  """jit-compiled (encode_video, encode_text) over the mesh: params replicated, batch sharded."""
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+  encode_video = jax.jit(
+      lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video),
+      in_shardings=(rep, shard, shard), out_shardings=shard)
+  encode_text = jax.jit(
+      lambda p, t: model.apply({"params": p}, t, method=model.encode_text),
+      in_shardings=(rep, shard), out_shardings=shard)
+  return encode_video, encode_text
+
+
+def _collect(stream, fn, keys, mesh, total: int, desc: str, show: bool):
+  """Runs `fn` on every batch; returns (outputs [n, D], index [n]) of the valid rows."""
+  outs, idx = [], []
+  with tqdm.tqdm(total=total, desc=desc, disable=not show, unit="ex") as bar:
+    for batch in stream:
+      glob = parallel.host_batch_to_global({k: batch[k] for k in keys + ("valid", "video_index")},
+                                           mesh)
+      emb = parallel.global_to_host(fn(*[glob[k] for k in keys]))
+      valid = parallel.global_to_host(glob["valid"]).astype(bool)
+      outs.append(emb[valid])
+      idx.append(parallel.global_to_host(glob["video_index"])[valid])
+      bar.update(int(valid.sum()))
+  return np.concatenate(outs), np.concatenate(idx)
+
+
+def embed_split(model, params, builder, split: str, config, mesh) -> dict[str, Any]:
+  """Embeddings of a split: `video [V, D]` (in video_index order), `text [C, D]`,
+  `text_to_video [C]` (the video index of every caption)."""
+  res = config.data.resolution if config.data.resolution > 0 else model.clip_config.image_resolution
+  global_bs = config.eval.batch_size
+  parallel.check_batch_divisible(global_bs, mesh)
+  per_host = global_bs // jax.process_count()
+  videos, texts = pipeline.eval_datasets(
+      builder, split, batch_size=per_host, max_frames=model.max_frames,
+      max_words=config.model.max_words, resolution=res,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  encode_video, encode_text = make_encoders(model, mesh)
+  show = jax.process_index() == 0
+  num_videos = builder.info.splits[split].num_examples
+  video_fn = lambda f, m: encode_video(params, f, m)
+  text_fn = lambda t: encode_text(params, t)
+  v_emb, v_idx = _collect(videos, video_fn, ("frames", "frame_mask"), mesh, num_videos,
+                          f"embed {split} videos", show)
+  t_emb, t_idx = _collect(texts, text_fn, ("text",), mesh, None, f"embed {split} captions", show)
+  if sorted(v_idx.tolist()) != list(range(num_videos)):
+    raise RuntimeError(f"eval of {split}: got {len(v_idx)} videos, expected each of "
+                       f"{num_videos} exactly once")
+  video = np.zeros_like(v_emb)
+  video[v_idx] = v_emb
+  order = np.argsort(t_idx, kind="stable")
+  return {"video": video, "text": t_emb[order], "text_to_video": t_idx[order]}
+
+
+def evaluate_split(model, params, builder, split: str, config, mesh) -> dict[str, Any]:
+  """Retrieval metrics of `split` (t2v, v2t, DSL and max-over-captions variants)."""
+  start = time.time()
+  emb = embed_split(model, params, builder, split, config, mesh)
+  sim = emb["text"] @ emb["video"].T
+  results = metrics_lib.evaluate_retrieval(sim, emb["text_to_video"], dsl=config.eval.dsl)
+  logging.info("eval on %s: %d videos, %d captions, %.1f s", split, len(emb["video"]),
+               len(emb["text"]), time.time() - start)
+  return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """The retrieval table as text (one row per direction/variant)."""
+  lines = [f"{'':34s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>7s}"]
+  for name, m in results.items():
+    if isinstance(m, dict) and "R@1" in m:
+      lines.append(f"{name:34s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
+                   f"{m['MdR']:6.1f} {m['MnR']:7.1f}")
+  return "\n".join(lines)

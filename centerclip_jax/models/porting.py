@@ -1,0 +1,495 @@
+"""Port PyTorch CLIP checkpoints (OpenAI, CLIP4Clip, CenterCLIP) to the Flax CLIP.
+
+Sources:
+  * OpenAI's TorchScript archives as distributed (`ViT-B-32.pt`, fp16 inside);
+  * plain state dicts (`.pt`, `.pth`, `.bin`), read with `torch.load(weights_only=True)`;
+  * fine-tuned CLIP4Clip / CenterCLIP checkpoints (`ckpt.best.pth.tar`, `pytorch_model.bin.N`):
+    CLIP keys under a `clip.` or `module.clip.` prefix, every other trained tensor
+    (`frame_position_embeddings.weight`, `transformerClip.*`, `...tokencluster_inter.cluster_embed`)
+    carried over as a flat dict of "extras".
+
+The Flax module names follow the OpenAI keys (see `clip.py`), so the port is a short table of
+rules from a Flax parameter path to its PyTorch key (`_torch_source`): Linear weights
+[out, in] -> Dense kernels [in, out]; `conv1` [out, in, kh, kw] -> [kh, kw, in, out];
+`attn.in_proj_{weight,bias}` split into `q_proj`/`k_proj`/`v_proj`; LayerNorm `weight` ->
+`scale`; `token_embedding.weight` -> `token_embedding/embedding`; the rest as is. The expected
+tree comes from `jax.eval_shape` of the Flax init, and any missing, unused or mis-shaped key
+is reported, all at once.
+
+torch is imported lazily, only by the functions that read `.pt` files or run the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from centerclip_jax.models import clip as clip_lib
+
+CLIPConfig = clip_lib.CLIPConfig
+PARAMS_SUBDIR = "params"
+CONFIG_FILE = "clip_config.json"
+METADATA_FILE = "conversion.json"
+# Integer entries of OpenAI's archives that `clip.model.build_model` drops.
+_OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
+# CenterCLIP / CLIP4Clip additions that live under the `clip.` prefix: not CLIP weights.
+_EXTRAS_UNDER_CLIP = re.compile(
+    r"visual\.position_ids|visual\.conv2\.weight|.*\.(tokencluster_inter|deepcluster)\..*")
+_CONVERT_HINT = "run tools/convert_clip_weights.py --input <CLIP .pt> --output <dir> first"
+
+
+class CheckpointError(ValueError):
+  """A file or directory is not a usable CLIP checkpoint; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+  """What `torch_to_flax` found: key prefix, preset match, sizes, extras."""
+  prefix: str
+  preset: Optional[str]
+  num_params: int
+  extras: dict[str, tuple[int, ...]]
+  ignored: tuple[str, ...]
+
+
+def _brief(e: BaseException) -> str:
+  """One line out of an exception, without torch's long advice paragraphs."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("reading PyTorch checkpoints needs torch: pip install -r "
+                      "requirements-dev.txt (CPU torch==2.13.0)") from None
+  return torch
+
+
+def reference_clip_module():
+  """clip-anytorch's `clip/model.py` (the reference PyTorch CLIP), loaded on its own.
+
+  `import clip.model` would run `clip/__init__.py`, which needs torchvision and
+  pkg_resources; `model.py` itself needs only torch and numpy.
+  """
+  name = "_centerclip_reference_clip_model"
+  if name not in sys.modules:
+    spec = importlib.util.find_spec("clip")
+    path = (Path(list(spec.submodule_search_locations)[0]) / "model.py"
+            if spec and spec.submodule_search_locations else None)
+    if path is None or not path.is_file():
+      raise ImportError("the reference PyTorch CLIP needs clip-anytorch: "
+                        "pip install --no-deps clip-anytorch==2.6.0")
+    _import_torch()
+    mspec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(module)
+    sys.modules[name] = module
+  return sys.modules[name]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _sniff(path: Path) -> str:
+  """'torchscript' or 'pickle' (torch.save zip or legacy), else CheckpointError."""
+  with open(path, "rb") as f:
+    head = f.read(8)
+  if zipfile.is_zipfile(path):
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+      raise CheckpointError(f"{path}: corrupt zip archive ({_brief(e)})") from None
+    if any(re.fullmatch(r"[^/]+/(constants\.pkl|code/.*)", n) for n in names):
+      return "torchscript"
+    if any(re.fullmatch(r"[^/]+/data\.pkl", n) for n in names):
+      return "pickle"
+    raise CheckpointError(f"{path}: a zip archive, but not a PyTorch checkpoint (no data.pkl)")
+  if head.startswith(b"PK"):
+    raise CheckpointError(f"{path}: truncated or corrupt zip archive (incomplete download?); "
+                          "download it again")
+  if head[:1] == b"\x80":
+    return "pickle"
+  raise CheckpointError(f"{path}: not a PyTorch checkpoint (unrecognised header {head[:4]!r})")
+
+
+def _numpy_safe_globals():
+  """numpy scalars/dtypes that training scripts leave in checkpoints (e.g. best_acc1)."""
+  from numpy._core.multiarray import scalar  # pylint: disable=g-import-not-at-top
+  dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType",
+                                             "Int32DType", "BoolDType") if hasattr(np.dtypes, n)]
+  return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def _torch_load_safely(torch, path: Path):
+  """torch.load with weights_only=True; Python objects in the pickle are refused, not run."""
+  try:
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+      return torch.load(str(path), map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    if "Weights only load failed" not in str(e):
+      raise CheckpointError(f"{path}: cannot unpickle ({_brief(e)})") from None
+    found = re.findall(r"GLOBAL (\S+)", str(e))
+    try:
+      found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) or found
+    except Exception:  # pylint: disable=broad-except
+      pass
+    raise CheckpointError(
+        f"{path}: refused to unpickle Python objects other than tensors ({', '.join(found)}); "
+        "loading is weights_only for safety: re-save only the weights, e.g. "
+        "torch.save(model.state_dict(), ...)") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{path}: cannot read ({_brief(e)}); truncated or corrupt?") from None
+
+
+def _weights_dict(obj, path: Path) -> Mapping[str, Any]:
+  """The tensor dict of a loaded object: the object itself, or its 'state_dict'/'model'."""
+  if not isinstance(obj, Mapping):
+    raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+  for key in ("state_dict", "model"):
+    if isinstance(obj.get(key), Mapping):
+      return obj[key]
+  return obj
+
+
+def clip_prefix(keys) -> str:
+  """The prefix of the CLIP keys ('', 'module.', 'clip.', 'module.clip.', ...)."""
+  keys = list(keys)
+  if any(re.match(r"(module\.)?(vision_model|text_model)\.", k) for k in keys):
+    raise ValueError("this is a Hugging Face transformers CLIP (vision_model.*/text_model.*); "
+                     "convert OpenAI's checkpoint (e.g. ViT-B-32.pt) instead")
+  anchor = "token_embedding.weight"
+  prefixes = {k[:-len(anchor)] for k in keys if k.endswith(anchor)}
+  prefixes = sorted(p for p in prefixes if p == "" or p.endswith("."))
+  if not prefixes:
+    raise ValueError(f"not a CLIP checkpoint: no '{anchor}' key among {len(keys)} keys "
+                     f"(first: {keys[:3]})")
+  if len(prefixes) > 1:
+    raise ValueError(f"several CLIP models in one checkpoint (key prefixes {prefixes})")
+  return prefixes[0]
+
+
+def split_clip_state_dict(state_dict: Mapping[str, np.ndarray]):
+  """Splits keys into (CLIP state dict with OpenAI names, extras, prefix).
+
+  Extras are every key outside the CLIP prefix and CenterCLIP's additions inside it, named
+  by their key without a leading 'module.'.
+  """
+  prefix = clip_prefix(state_dict)
+  clip_sd, extras = {}, {}
+  for key, value in state_dict.items():
+    inner = key[len(prefix):] if key.startswith(prefix) else None
+    if inner is None or _EXTRAS_UNDER_CLIP.fullmatch(inner):
+      extras[key[len("module."):] if key.startswith("module.") else key] = value
+    else:
+      clip_sd[inner] = value
+  return clip_sd, extras, prefix
+
+
+def infer_config(clip_state_dict: Mapping[str, Any]) -> CLIPConfig:
+  """`CLIPConfig.from_shapes` on an OpenAI-layout state dict; ValueError if impossible."""
+  try:
+    return CLIPConfig.from_shapes({k: np.shape(v) for k, v in clip_state_dict.items()})
+  except (IndexError, TypeError, KeyError) as e:
+    raise ValueError(f"cannot infer the CLIP architecture from the key shapes ({_brief(e)})"
+                     ) from None
+
+
+def read_torch_checkpoint(path) -> tuple[dict[str, np.ndarray], str]:
+  """Reads a PyTorch CLIP checkpoint -> (state dict of numpy arrays, source kind).
+
+  Source kind is 'torchscript', 'state_dict' or 'finetuned' (CLIP keys under a prefix).
+  Floating tensors come back as float32; OpenAI's integer entries are dropped. Anything
+  that is not a ViT CLIP checkpoint raises a one-line `CheckpointError` naming the file.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"{path}: no such file")
+  fmt = _sniff(path)
+  torch = _import_torch()
+  if fmt == "torchscript":
+    try:
+      obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"{path}: cannot read TorchScript archive ({_brief(e)})") from None
+  else:
+    obj = _torch_load_safely(torch, path)
+  weights = _weights_dict(obj, path)
+  state = {}
+  for key, value in weights.items():
+    if isinstance(value, torch.Tensor):
+      value = value.detach().cpu()
+      state[str(key)] = (value.to(torch.float32) if value.is_floating_point() else value).numpy()
+  if not state:
+    raise CheckpointError(f"{path}: no tensors in this checkpoint")
+  try:
+    prefix = clip_prefix(state)
+    for name in _OPENAI_INT_KEYS:
+      if prefix + name in state and state[prefix + name].dtype.kind in "iu":
+        del state[prefix + name]
+    clip_sd, _, _ = split_clip_state_dict(state)
+    infer_config(clip_sd)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
+  kind = "torchscript" if fmt == "torchscript" else ("finetuned" if prefix else "state_dict")
+  return state, kind
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@functools.lru_cache(maxsize=8)
+def expected_param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+  """'/'-joined Flax parameter path -> shape, from `jax.eval_shape` of the init."""
+  res = config.image_resolution
+  model = clip_lib.CLIP(config)
+  tree = jax.eval_shape(
+      model.init, jax.random.key(0), jnp.zeros((1, res, res, 3), jnp.float32),
+      jnp.zeros((1, config.context_length), jnp.int32))["params"]
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def _torch_source(flax_path: str) -> tuple[str, str, Optional[int]]:
+  """Flax path -> (PyTorch key, transform, q/k/v index into in_proj or None).
+
+  Transforms: 'linear' ([out, in] -> [in, out]), 'conv' ([out, in, kh, kw] ->
+  [kh, kw, in, out]) or 'copy'.
+  """
+  *mods, leaf = [re.sub(r"^resblocks_(\d+)$", r"resblocks.\1", m) for m in flax_path.split("/")]
+  if len(mods) >= 2 and mods[-2] == "attn" and mods[-1] in ("q_proj", "k_proj", "v_proj"):
+    name = "in_proj_weight" if leaf == "kernel" else "in_proj_bias"
+    return ".".join(mods[:-1] + [name]), ("linear" if leaf == "kernel" else "copy"), "qkv".index(
+        mods[-1][0])
+  torch_leaf = {"scale": "weight", "embedding": "weight", "kernel": "weight"}.get(leaf, leaf)
+  transform = "copy" if leaf != "kernel" else ("conv" if mods[-1] == "conv1" else "linear")
+  return ".".join(mods + [torch_leaf]), transform, None
+
+
+def _torch_shape(flax_shape, transform, part) -> tuple[int, ...]:
+  shape = {"linear": lambda s: tuple(s[::-1]), "conv": lambda s: (s[3], s[2], s[0], s[1]),
+           "copy": tuple}[transform](flax_shape)
+  return (3 * shape[0],) + shape[1:] if part is not None else shape
+
+
+def expected_torch_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
+  """OpenAI state-dict key -> shape for this architecture (via the rules above)."""
+  out = {}
+  for path, shape in expected_param_shapes(config).items():
+    key, transform, part = _torch_source(path)
+    out[key] = _torch_shape(shape, transform, part)
+  return out
+
+
+def _check_keys(given: Mapping[str, tuple], expected: Mapping[str, tuple], what: str):
+  """Raises CheckpointError listing every missing, unused and mis-shaped key at once."""
+  missing = sorted(set(expected) - set(given))
+  unused = sorted(set(given) - set(expected))
+  bad = sorted(f"{k} {list(given[k])} (expected {list(expected[k])})"
+               for k in set(given) & set(expected) if tuple(given[k]) != tuple(expected[k]))
+  problems = [f"{name} {len(keys)}: {', '.join(keys)}" for name, keys in
+              (("missing", missing), ("unused", unused), ("mis-shaped", bad)) if keys]
+  if problems:
+    raise CheckpointError(f"{what} does not match the CLIP architecture: " + "; ".join(problems))
+
+
+def preset_name(config: CLIPConfig) -> Optional[str]:
+  return next((name for name, preset in clip_lib.PRESETS.items() if preset == config), None)
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray]):
+  """OpenAI-layout state dict -> (CLIPConfig, params, extras, ConversionReport).
+
+  `params` is the nested Flax tree of float32 numpy arrays; `extras` maps each non-CLIP
+  floating tensor's name to a float32 array (integer buffers are listed as ignored).
+  """
+  try:
+    clip_sd, extras_sd, prefix = split_clip_state_dict(state_dict)
+    config = infer_config(clip_sd)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  _check_keys({k: np.shape(v) for k, v in clip_sd.items()}, expected_torch_shapes(config),
+              "the checkpoint")
+  flat = {}
+  for path, shape in expected_param_shapes(config).items():
+    key, transform, part = _torch_source(path)
+    value = np.asarray(clip_sd[key], np.float32)
+    if part is not None:
+      value = np.split(value, 3, axis=0)[part]
+    value = {"linear": lambda v: v.T, "conv": lambda v: v.transpose(2, 3, 1, 0),
+             "copy": lambda v: v}[transform](value)
+    flat[path] = np.ascontiguousarray(value, np.float32).reshape(shape)
+  params = traverse_util.unflatten_dict(flat, sep="/")
+  extras = {k: np.asarray(v, np.float32) for k, v in extras_sd.items()
+            if np.asarray(v).dtype.kind == "f"}
+  report = ConversionReport(
+      prefix=prefix, preset=preset_name(config),
+      num_params=int(sum(np.prod(s) for s in expected_param_shapes(config).values())),
+      extras={k: tuple(v.shape) for k, v in extras.items()},
+      ignored=tuple(sorted(set(extras_sd) - set(extras))))
+  return config, params, extras, report
+
+
+def check_params(params, config: CLIPConfig, what: str = "params"):
+  """Raises CheckpointError unless `params` is exactly the Flax CLIP tree of `config`."""
+  flat = traverse_util.flatten_dict(dict(params), sep="/")
+  _check_keys({k: np.shape(v) for k, v in flat.items()}, expected_param_shapes(config), what)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def file_sha256(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def conversion_metadata(source, source_kind: str, report: ConversionReport) -> dict[str, Any]:
+  """Provenance for conversion.json: source, kind, sha256, extras, versions, date."""
+  import flax  # pylint: disable=g-import-not-at-top
+  versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__}
+  if "torch" in sys.modules:
+    versions["torch"] = sys.modules["torch"].__version__
+  return {
+      "source": str(Path(source).resolve()), "source_kind": source_kind,
+      "source_sha256": file_sha256(source), "key_prefix": report.prefix,
+      "preset": report.preset, "num_params": report.num_params,
+      "extras": {k: list(v) for k, v in report.extras.items()},
+      "ignored": list(report.ignored), "versions": versions,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def _is_converted_dir(path: Path) -> bool:
+  return (path / CONFIG_FILE).is_file() and (path / PARAMS_SUBDIR).is_dir()
+
+
+def save_converted(out_dir, config: CLIPConfig, params, extras, metadata: Mapping[str, Any],
+                   overwrite: bool = False) -> Path:
+  """Writes out_dir/{params (orbax: {'params', 'extras'}), clip_config.json, conversion.json}.
+
+  The directory appears only once complete (written beside it, then renamed). With
+  `overwrite`, an existing converted checkpoint or empty directory is replaced; any other
+  existing path is left alone.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists():
+    if not overwrite:
+      raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
+    if not (_is_converted_dir(out_dir) or (out_dir.is_dir() and not any(out_dir.iterdir()))):
+      raise FileExistsError(f"{out_dir} exists and is not a converted CLIP checkpoint; "
+                            "refusing to replace it")
+  check_params(params, config)
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  try:
+    tree = {"params": params, "extras": {k: np.asarray(v, np.float32) for k, v in extras.items()}}
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(tmp / PARAMS_SUBDIR, tree)
+    (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
+    (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return out_dir
+
+
+def load_converted(directory) -> tuple[CLIPConfig, dict, dict[str, np.ndarray]]:
+  """Reads a `save_converted` directory -> (CLIPConfig, params, extras), numpy float32.
+
+  The tree is checked against the config; callers place it on devices themselves.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = Path(directory).absolute()
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory}: no converted CLIP checkpoint here; {_CONVERT_HINT}")
+  if not _is_converted_dir(directory):
+    raise CheckpointError(f"{directory}: not a converted CLIP checkpoint ({CONFIG_FILE} or "
+                          f"{PARAMS_SUBDIR}/ missing); {_CONVERT_HINT}")
+  try:
+    config = CLIPConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(directory / PARAMS_SUBDIR)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"{directory / PARAMS_SUBDIR}: cannot restore ({_brief(e)}); "
+                          f"{_CONVERT_HINT}") from None
+  if not isinstance(tree, Mapping) or "params" not in tree:
+    raise CheckpointError(f"{directory / PARAMS_SUBDIR}: no 'params' tree; {_CONVERT_HINT}")
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(tree["params"]))
+  check_params(params, config, f"{directory}")
+  extras = {k: np.asarray(v, np.float32) for k, v in dict(tree.get("extras") or {}).items()}
+  return config, params, extras
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def random_inputs(config: CLIPConfig, num: int = 2, seed: int = 0, length: Optional[int] = None):
+  """Random images [num, res, res, 3] float32 and token ids [num, length] int32.
+
+  Each text is random ids, the EOT id (vocab_size - 1, the largest) at a random position,
+  then zero padding, as the CLIP tokenizer produces.
+  """
+  rng = np.random.default_rng(seed)
+  length = length or config.context_length
+  res = config.image_resolution
+  images = rng.standard_normal((num, res, res, 3)).astype(np.float32)
+  text = np.zeros((num, length), np.int32)
+  for i in range(num):
+    eot = int(rng.integers(1, length))
+    text[i, :eot] = rng.integers(1, config.vocab_size - 1, eot)
+    text[i, eot] = config.vocab_size - 1
+  return images, text
+
+
+def verify_against_torch(config: CLIPConfig, clip_state_dict: Mapping[str, np.ndarray], params,
+                         num: int = 2, seed: int = 0) -> dict[str, float]:
+  """Max abs difference of image and text features, reference PyTorch CLIP vs Flax (fp32).
+
+  The reference is `clip.model.CLIP` built from `config` and loaded (strictly) with the
+  float32 OpenAI-layout `clip_state_dict`; `build_model` is avoided since it rounds to fp16.
+  """
+  torch = _import_torch()
+  model = reference_clip_module().CLIP(**dataclasses.asdict(config)).eval()
+  model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
+                         for k, v in clip_state_dict.items()}, strict=True)
+  images, text = random_inputs(config, num, seed)
+  with torch.no_grad():
+    ref_image = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    ref_text = model.encode_text(torch.from_numpy(text).long()).numpy()
+  flax_model = clip_lib.CLIP(config)
+  variables = {"params": params}
+  out_image = jax.jit(lambda v, x: flax_model.apply(v, x, method="encode_image"))(variables, images)
+  out_text = jax.jit(lambda v, t: flax_model.apply(v, t, method="encode_text"))(variables, text)
+  return {"image": float(np.max(np.abs(np.asarray(out_image) - ref_image))),
+          "text": float(np.max(np.abs(np.asarray(out_text) - ref_text)))}

@@ -1,0 +1,249 @@
+"""`train_and_evaluate(config, workdir)`: fine-tune CenterCLIP and evaluate it.
+
+One jit-compiled step over a mesh of every device of every host (`parallel.py`): params
+and optimizer state replicated, the global batch sharded on the `batch` axis, the
+contrastive loss written on the global batch. Checkpoints (orbax) keep the last N and
+the best by text->video R@1; a run resumes exactly from the latest (step, params,
+optimizer state, RNG, data position); SIGTERM saves first. Writes TensorBoard scalars
+and `results.json` to the workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow_datasets as tfds
+from clu import metric_writers
+
+from centerclip_jax import checkpoints as checkpoints_lib
+from centerclip_jax import config as config_lib
+from centerclip_jax import evaluate as evaluate_lib
+from centerclip_jax import losses
+from centerclip_jax import optim
+from centerclip_jax import parallel
+from centerclip_jax.data import pipeline
+from centerclip_jax.models import loading
+
+SELECTION_METRIC = ("text_to_video", "R@1")
+
+
+def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of `config.dataset`, prepared (the synthetic demo builds itself)."""
+  import centerclip_jax.data.datasets  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
+  try:
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset: unknown dataset {config.dataset!r} ({e})") from None
+  if not builder.is_prepared():
+    if config.dataset == "synthetic_video_text":
+      logging.info("building the synthetic demo dataset in %s", builder.data_dir)
+      builder.download_and_prepare()
+    else:
+      raise FileNotFoundError(
+          f"config.data_dir: dataset {config.dataset!r} is not prepared at "
+          f"{builder.data_dir}. Build it with `python tools/prepare_data.py {config.dataset} "
+          f"--manual_dir RAW --data_dir {data_dir or '~/tensorflow_datasets'}` (see README).")
+  for field in ("train_split", "val_split", "eval_split"):
+    split = config.get(field)
+    if split and split not in builder.info.splits:
+      raise ValueError(f"config.{field}: {split!r} is not a split of {config.dataset} "
+                       f"(it has {sorted(builder.info.splits)})")
+  return builder
+
+
+def make_train_step(model, tx):
+  """(state, batch) -> (state, metrics); state = {step, params, opt_state, rng}."""
+
+  def train_step(state, batch):
+    rng, step_rng = jax.random.split(state["rng"])
+
+    def loss_fn(params):
+      video, text, logit_scale = model.apply(
+          {"params": params}, batch["frames"], batch["frame_mask"], batch["text"],
+          train=True, rngs={"cluster": step_rng})
+      return losses.symmetric_infonce(video, text, logit_scale)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": rng}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "logit_scale": jnp.exp(params["clip"]["logit_scale"])}
+    return new_state, metrics
+
+  return train_step
+
+
+def _num_train_steps(config, builder) -> tuple[int, int]:
+  n = builder.info.splits[config.train_split].num_examples
+  steps_per_epoch = n // config.train.global_batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"config.train.global_batch_size ({config.train.global_batch_size}) is "
+                     f"larger than the {n} training videos of {config.train_split}")
+  total = (config.train.num_train_steps if config.train.num_train_steps > 0
+           else steps_per_epoch * config.train.num_epochs)
+  return total, steps_per_epoch
+
+
+def _flat(results: dict[str, Any], prefix: str) -> dict[str, float]:
+  return {f"{prefix}/{d}/{k}": float(v) for d, m in results.items() if isinstance(m, dict)
+          for k, v in m.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (mode train / train_and_eval) and evaluates; returns the results dict."""
+  start_time = time.time()
+  config_lib.validate(config)
+  parallel.initialize_distributed()
+  workdir_path = pathlib.Path(workdir).expanduser().resolve()
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  logging.info("devices: %d (%s) on %d host(s); workdir %s", jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), workdir_path)
+  logging.info("config:\n%s", config)
+
+  builder = get_builder(config)
+  model, params = loading.load_model(config)
+  logging.info("model: %s; clustering steps: %s", model.clip_config, model.steps or "none")
+  if is_main:
+    (workdir_path / loading.CLIP_CONFIG_FILE).write_text(model.clip_config.to_json())
+    (workdir_path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+  res = config.data.resolution if config.data.resolution > 0 else model.clip_config.image_resolution
+  select_split = config.val_split or config.eval_split
+  writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_main)
+  results: dict[str, Any] = {"config": config.to_dict(), "dataset": config.dataset,
+                             "selection_split": select_split,
+                             "selection_note": ("" if config.val_split else
+                                                "no validation split: model selection on the "
+                                                "eval split, as the original code does")}
+
+  if config.mode in ("train", "train_and_eval"):
+    params, train_info = _train(config, workdir_path, builder, model, params, mesh, writer, res,
+                                select_split)
+    results.update(train_info)
+  if config.mode in ("eval", "train_and_eval"):
+    eval_results = evaluate_lib.evaluate_split(model, params, builder, config.eval_split,
+                                               config, mesh)
+    writer.write_scalars(int(results.get("train_steps", 0)), _flat(eval_results, "test"))
+    results["eval_split"] = config.eval_split
+    results["metrics"] = eval_results
+    logging.info("%s retrieval on %s:\n%s", config.dataset, config.eval_split,
+                 evaluate_lib.format_table(eval_results))
+    if is_main:
+      print(f"\n{config.dataset} / {config.eval_split}\n" + evaluate_lib.format_table(eval_results))
+  results["wall_time_s"] = time.time() - start_time
+  writer.flush()
+  if is_main:
+    (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=float))
+  return results
+
+
+def _train(config, workdir, builder, model, params, mesh, writer, res, select_split):
+  """The training loop; returns (final params, info for results.json)."""
+  t = config.train
+  parallel.check_batch_divisible(t.global_batch_size, mesh)
+  total_steps, steps_per_epoch = _num_train_steps(config, builder)
+  tx, schedules = optim.make_optimizer(
+      params, lr=t.lr, coef_lr=t.coef_lr, total_steps=total_steps,
+      warmup_proportion=t.warmup_proportion, weight_decay=t.weight_decay,
+      clip_norm=t.clip_norm, grad_accum_steps=t.grad_accum_steps,
+      freeze_layer_num=t.freeze_layer_num)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1)}
+  ckpt = checkpoints_lib.Checkpointer(
+      str(workdir / "checkpoints"), max_to_keep=t.keep_checkpoints,
+      best_metric="/".join(SELECTION_METRIC), best_mode="max")
+  start_step, data_position = 0, {"step": 0}
+  restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))
+  if restored is not None:
+    start_step, state, data_position, _ = restored
+    logging.info("resumed from step %d", start_step)
+  state = parallel.replicate(state, mesh)
+
+  micro_bs = t.global_batch_size // t.grad_accum_steps
+  train_iter = iter(pipeline.train_dataset(
+      builder, config.train_split, global_batch_size=micro_bs,
+      max_frames=model.max_frames, max_words=config.model.max_words, resolution=res,
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), start_step=int(data_position["step"]),
+      shuffle_buffer=config.data.shuffle_buffer))
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  step_fn = jax.jit(make_train_step(model, tx), in_shardings=(rep, shard),
+                    out_shardings=(rep, rep), donate_argnums=(0,))
+  is_preempted = checkpoints_lib.install_preemption_handler()
+  lr_fn = schedules.get("new", next(iter(schedules.values())))
+
+  micro_step = int(data_position["step"])
+  last_log, compile_done = time.time(), False
+  step_times = []
+  best = {"step": None, "value": -1.0}
+  accum = t.grad_accum_steps
+  for step in range(start_step, total_steps):
+    for _ in range(accum):
+      batch = parallel.host_batch_to_global(next(train_iter), mesh)
+      tic = time.time()
+      state, metrics = step_fn(state, batch)
+      micro_step += 1
+    if not compile_done:
+      jax.block_until_ready(metrics)
+      compile_done = True
+      logging.info("first step (incl. compile) took %.1f s", time.time() - tic)
+      last_log = time.time()
+    elif (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps:
+      metrics = jax.device_get(metrics)
+      dt = (time.time() - last_log) / t.log_every_steps
+      step_times.append(dt)
+      last_log = time.time()
+      scalars = {k: float(v) for k, v in metrics.items()}
+      scalars.update({"lr": float(lr_fn(step)), "step_time_s": dt,
+                      "videos_per_s": t.global_batch_size / dt})
+      writer.write_scalars(step + 1, scalars)
+      logging.info("step %d/%d: loss %.4f, %.3f s/step", step + 1, total_steps,
+                   scalars["loss"], dt)
+    end_of_epoch = (step + 1) % steps_per_epoch == 0
+    epoch = (step + 1) // steps_per_epoch
+    do_eval = (end_of_epoch and epoch % t.eval_every_epochs == 0) or step + 1 == total_steps
+    eval_metrics = None
+    if do_eval and (config.mode == "train_and_eval" or config.val_split):
+      sel = evaluate_lib.evaluate_split(model, state["params"], builder, select_split, config, mesh)
+      writer.write_scalars(step + 1, _flat(sel, "val"))
+      value = sel[SELECTION_METRIC[0]][SELECTION_METRIC[1]]
+      eval_metrics = {"/".join(SELECTION_METRIC): value}
+      if value > best["value"]:
+        best = {"step": step + 1, "value": value}
+      logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset, select_split, value)
+    if (do_eval or (step + 1) % t.checkpoint_every_steps == 0 or is_preempted()
+        or step + 1 == total_steps):
+      ckpt.save(step + 1, state, data_position={"step": micro_step}, rng=state["rng"],
+                metrics=eval_metrics, force=is_preempted())
+    if is_preempted():
+      ckpt.wait()
+      logging.warning("preempted (SIGTERM): saved step %d, exiting", step + 1)
+      raise SystemExit(143)
+  ckpt.wait()
+  final = state["params"]
+  if best["step"] is not None and best["step"] != total_steps:
+    best_step = ckpt.best_step()
+    if best_step is not None:
+      logging.info("restoring the best checkpoint (step %d) for the final eval", best_step)
+      final = ckpt.restore(best_step, jax.tree.map(np.asarray, state))[1]["params"]
+  ckpt.close()
+  info = {"train_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+          "best_step": best["step"], "best_selection_R@1": best["value"],
+          "median_step_time_s": float(np.median(step_times)) if step_times else None,
+          "global_batch_size": t.global_batch_size}
+  return final, info

@@ -1,0 +1,217 @@
+r"""Speed and memory of the video tower with and without token clustering.
+
+  python tools/benchmark.py [--quick] [--json OUT.json] [--archs ViT-B/32,ViT-B/16]
+
+For each architecture (random weights at real shapes, 12 frames, 224 px) it compares the
+CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ and
+spectral clustering (K = 49 for B/32, 160 for B/16), all measured in one run:
+
+- ms_per_video: median wall time of the jit-compiled video tower (frames -> meanP
+  embedding) over repeats after compilation, divided by the batch size;
+- speedup: baseline ms_per_video / this ms_per_video;
+- ideal_speedup: baseline FLOPs / these FLOPs, from XLA's cost analysis of the same programs;
+- cluster_share: time of the clustering step(s) alone (jit-compiled on the same inputs)
+  over the tower's time;
+- train_memory_bytes: peak memory of one compiled training step (global batch 32,
+  symmetric InfoNCE + AdamW), from XLA's memory analysis (compiled, not run), in float32
+  and bfloat16; train_memory_ratio: over the baseline's of the same dtype.
+
+Runs unchanged on GPU/TPU (the arrays go to the default device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from centerclip_jax import config as config_lib
+from centerclip_jax import losses
+from centerclip_jax.clustering import segments as segments_lib
+from centerclip_jax.models import centerclip
+from centerclip_jax.models import clip as clip_lib
+
+KEEP = {"ViT-B/32": 49, "ViT-B/16": 160}
+
+
+def variants(arch: str):
+  """(name, model-config overrides) pairs: baseline and the paper's settings."""
+  k = KEEP[arch]
+  out = [("baseline", {"cluster_inter": 0})]
+  for algo in ("kmedoids++", "spectral"):
+    for segs in (4, 3):
+      out.append((f"{algo} B6-{segs},{k}", {
+          "cluster_inter": 1, "cluster_algo": algo,
+          "target_frames_blocks": (12,) * 6 + (segs,) * 6,
+          "cluster_num_blocks": (KEEP["ViT-B/32"] if arch == "ViT-B/32" else 196,) * 6 + (k,) * 6}))
+  return out
+
+
+def build(arch: str, overrides: dict, dtype: str):
+  m = config_lib.model_config()
+  m.arch = arch
+  m.dtype = dtype
+  for key, value in overrides.items():
+    m[key] = value
+  return centerclip.build_model(m, clip_lib.get_preset(arch))
+
+
+def time_fn(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - tic)
+  return statistics.median(times)
+
+
+def flops(fn, args) -> float:
+  cost = fn.lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def cluster_time(model, frames_shape, params, repeats: int) -> float:
+  """Seconds spent in the clustering step(s) alone, on tokens of the right shape."""
+  if not model.steps:
+    return 0.0
+  batch, num_frames = frames_shape[:2]
+  width = model.clip_config.vision_width
+  n = model.clip_config.num_patches
+  total = 0.0
+  rng = np.random.default_rng(0)
+  tokens = 1 + n
+  for step in model.steps:
+    x = jnp.asarray(rng.standard_normal((batch * step.frames_before, tokens, width)),
+                    jnp.float32)
+    mask = jnp.ones((batch, step.frames_before), bool)
+    fn = jax.jit(lambda x, m, step=step: segments_lib.cluster_step(x, m, step, model.settings))
+    total += time_fn(fn, (x, mask), repeats)
+    tokens = 1 + step.k
+  return total
+
+
+def train_memory(model, global_batch: int, words: int = 32) -> int:
+  """Peak bytes of one compiled train step (XLA memory analysis, not executed)."""
+  params = centerclip.abstract_params(model)
+  tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
+  opt_state = jax.eval_shape(tx.init, params)
+  res = model.clip_config.image_resolution
+  frames = jax.ShapeDtypeStruct((global_batch, model.max_frames, res, res, 3), jnp.float32)
+  mask = jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_)
+  text = jax.ShapeDtypeStruct((global_batch, words), jnp.int32)
+
+  def step(params, opt_state, frames, mask, text):
+    def loss_fn(p):
+      v, t, s = model.apply({"params": p}, frames, mask, text, train=True,
+                            rngs={"cluster": jax.random.PRNGKey(0)})
+      return losses.symmetric_infonce(v, t, s)
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, frames, mask, text).compile()
+  mem = compiled.memory_analysis()
+  return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
+def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
+  rows = []
+  for arch in archs:
+    cfg = clip_lib.get_preset(arch)
+    params_clip = clip_lib.init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    frames = jnp.asarray(rng.standard_normal((batch, 12, 224, 224, 3)), jnp.float32)
+    mask = jnp.ones((batch, 12), bool)
+    base = {}
+    for name, overrides in variants(arch):
+      model = build(arch, overrides, "float32")
+      params = centerclip.init_params(model, jax.random.PRNGKey(0), params_clip)
+      fn = jax.jit(lambda p, f, m, model=model: model.apply(
+          {"params": p}, f, m, method=model.encode_video))
+      seconds = time_fn(fn, (params, frames, mask), repeats)
+      fl = flops(fn, (params, frames, mask))
+      share = cluster_time(model, frames.shape, params, repeats) / seconds
+      for dtype in dtypes:
+        mem_model = build(arch, overrides, dtype)
+        mem = train_memory(mem_model, train_batch)
+        if name == "baseline":
+          base[dtype] = mem
+        if dtype == "float32" and name == "baseline":
+          base["seconds"], base["flops"] = seconds, fl
+        timed = dtype == "float32"  # speed is measured in float32 only
+        row = {"arch": arch, "config": name, "dtype": dtype,
+               "ms_per_video": 1e3 * seconds / batch if timed else None,
+               "speedup": base["seconds"] / seconds if timed else None,
+               "ideal_speedup": base["flops"] / fl if timed else None,
+               "gflops_per_video": fl / batch / 1e9 if timed else None,
+               "cluster_share": share if timed else None,
+               "train_memory_bytes": mem,
+               "train_memory_ratio": mem / base[dtype]}
+        rows.append(row)
+        print_row(row)
+  return rows
+
+
+HEADER = (f"{'arch':9s} {'config':22s} {'dtype':8s} {'ms/video':>9s} {'speedup':>8s} "
+          f"{'ideal':>6s} {'GFLOP/v':>8s} {'clust%':>7s} {'train GB':>9s} {'mem ratio':>9s}")
+
+
+def _fmt(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") -> str:
+  if value is None:
+    return "-".rjust(width + len(suffix))
+  return format(value * scale, f"{width}{spec}") + suffix
+
+
+def print_row(row):
+  print(f"{row['arch']:9s} {row['config']:22s} {row['dtype']:8s} "
+        f"{_fmt(row['ms_per_video'], '.1f', 9)} {_fmt(row['speedup'], '.2f', 8)} "
+        f"{_fmt(row['ideal_speedup'], '.2f', 6)} {_fmt(row['gflops_per_video'], '.1f', 8)} "
+        f"{_fmt(row['cluster_share'], '.1f', 6, 100, '%')} "
+        f"{row['train_memory_bytes'] / 1e9:9.2f} {row['train_memory_ratio']:9.2f}", flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="fewer repeats and a smaller timing batch (< 5 min on 2 CPU cores)")
+  parser.add_argument("--archs", default="ViT-B/32,ViT-B/16")
+  parser.add_argument("--batch", type=int, default=None, help="videos per timed call")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--train_batch", type=int, default=32)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+  args = parser.parse_args()
+  archs = [a for a in args.archs.split(",") if a]
+  for a in archs:
+    if a not in KEEP:
+      parser.error(f"--archs: {a!r} is not one of {sorted(KEEP)}")
+  batch = args.batch or (1 if args.quick else 4)
+  repeats = args.repeats or (2 if args.quick else 5)
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; batch {batch}, "
+        f"repeats {repeats}, train batch {args.train_batch}")
+  print(HEADER)
+  rows = run(archs, args.quick, batch, repeats, args.train_batch, args.dtypes.split(","))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
