@@ -1,0 +1,115 @@
+"""`python -m centerclip_jax.encode` end to end on tiny generated videos and .npy frames."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from centerclip_jax import config as config_lib
+from centerclip_jax import encode
+from centerclip_jax.data import tokenizer as tokenizer_lib
+from centerclip_jax.data import video as video_lib
+from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.models import porting
+from tests import video_fixtures
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                           vision_patch_size=8, context_length=77, vocab_size=49408,
+                           transformer_width=64, transformer_heads=1, transformer_layers=1)
+CAPTIONS = ["a man is cooking", "two dogs play in the snow &amp; run", "<|endoftext|> text"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("encode")
+  params = clip_lib.init_params(TINY, jax.random.PRNGKey(0))
+  params = jax.tree.map(np.asarray, params)
+  porting.save_converted(root / "clip", TINY, params, {}, {"source": "test"})
+  videos = [video_fixtures.write_video(root / "a.mp4", num_frames=30, fps=10, seed=1,
+                                       pattern="moving"),
+            video_fixtures.write_video(root / "b.avi", num_frames=7, fps=10, seed=2,
+                                       pattern="moving")]
+  frames, _ = video_lib.decode_video(str(videos[0]), fps=3.0, short_side=32)
+  np.save(root / "a_frames.npy", frames)
+  (root / "captions.txt").write_text("\n".join(CAPTIONS) + "\n\n")
+  return root, params
+
+
+def tiny_config(root):
+  c = config_lib.base_config()
+  c.init_from = str(root / "clip")
+  c.model = config_lib.model_config(max_frames=4, num_blocks=2, tokens_per_frame=16)
+  c.model.target_frames_blocks = (4, 2)
+  c.model.cluster_num_blocks = (16, 8)
+  return c
+
+
+def test_encode_videos_npy_and_captions(setup):
+  root, params = setup
+  paths = [str(root / "a.mp4"), str(root / "b.avi"), str(root / "a_frames.npy")]
+  out = encode.encode(tiny_config(root), paths, CAPTIONS, batch_size=2)
+  v, t = out["video_embeddings"], out["text_embeddings"]
+  assert v.shape == (3, 32) and t.shape == (3, 32)
+  assert v.dtype == np.float32 and t.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, atol=1e-5)
+  # The .npy of a.mp4's decoded frames embeds exactly like the video file itself, and
+  # the two different videos embed differently (input order is kept).
+  np.testing.assert_allclose(v[2], v[0], atol=1e-6)
+  assert np.abs(v[0] - v[1]).max() > 1e-4
+  # Text embeddings: the plain CLIP text tower on the CLIP4Clip tokenisation.
+  model = clip_lib.CLIP(TINY)
+  tokens = tokenizer_lib.get_tokenizer().tokenize(CAPTIONS, 32)
+  ref = np.asarray(model.apply({"params": params}, tokens, method=model.encode_text))
+  np.testing.assert_allclose(t, ref / np.linalg.norm(ref, axis=-1, keepdims=True), atol=1e-5)
+  assert list(out["video_paths"]) == paths and list(out["captions"]) == CAPTIONS
+  np.testing.assert_allclose(out["logit_scale"], np.exp(params["logit_scale"]), rtol=1e-6)
+
+
+def test_short_video_repeats_last_frame_and_masks():
+  frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+  x, mask = encode.video_inputs(frames, 4, 4)
+  assert x.shape == (4, 4, 4, 3) and mask.tolist() == [True, True, False, False]
+  np.testing.assert_array_equal(x[1], x[3])
+
+
+def test_bad_inputs_name_the_file(setup, tmp_path):
+  root, _ = setup
+  bad = video_fixtures.write_garbage(tmp_path / "broken.mp4")
+  with pytest.raises(encode.InputError, match="broken.mp4"):
+    encode.encode(tiny_config(root), [str(bad)], [])
+  wrong = tmp_path / "wrong.npy"
+  np.save(wrong, np.zeros((4, 4, 3), np.float32))
+  with pytest.raises(encode.InputError, match="wrong.npy"):
+    encode.load_frames(str(wrong), fps=3.0, resolution=32)
+  with pytest.raises(encode.InputError, match="no such file"):
+    encode.load_frames(str(tmp_path / "missing.mp4"), fps=3.0, resolution=32)
+
+
+def test_cli(setup, tmp_path):
+  """The CLI writes the .npz; a corrupt video is a one-line error naming it, not a traceback."""
+  root, _ = setup
+  bad = video_fixtures.write_garbage(tmp_path / "corrupt.mp4")
+  base = [sys.executable, "-m", "centerclip_jax.encode", "--config",
+          os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={root / 'clip'}",
+          "--config.model.max_frames=4", "--config.model.target_frames_blocks=(4,2)",
+          "--config.model.cluster_num_blocks=(16,8)"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  out = tmp_path / "out.npz"
+  ok = subprocess.run(base + ["--videos", str(root / "a_frames.npy"), "--captions",
+                              str(root / "captions.txt"), "--output", str(out)],
+                      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  data = np.load(out)
+  assert data["video_embeddings"].shape == (1, 32) and data["text_embeddings"].shape == (3, 32)
+  fail = subprocess.run(base + ["--videos", str(bad), "--output", str(tmp_path / "x.npz")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert fail.returncode == 2
+  assert "corrupt.mp4" in fail.stderr and "Traceback" not in fail.stderr
+  assert not (tmp_path / "x.npz").exists()
