@@ -1,0 +1,275 @@
+"""Shared logic of the video-text TFDS builders.
+
+A dataset module only parses its annotation files into `VideoJob`s per split
+(`VideoTextBuilder._read_splits`); this base class finds the videos under the
+manual dir, decodes them in a process pool (`video.encode_video_jpeg`: PyAV
+at `config.fps`, shorter side `config.short_side`, JPEG), caches each decoded
+video on disk (keyed by path + mtime + options) so that an interrupted build
+restarts fast, skips bad videos with a warning and records them in the
+dataset's metadata (`info.metadata['skipped']`, `['empty_splits']`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import tensorflow_datasets as tfds
+import tqdm
+
+from centerclip_jax.data import video
+from centerclip_jax.data.datasets.features import video_text_features
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg",
+                    ".wmv", ".flv", ".3gp", ".ogv")
+
+
+class AnnotationError(ValueError):
+  """A malformed annotation file (the message names the file and line or key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoJob:
+  """One example to build: a video and all its captions."""
+  video_id: str
+  candidates: tuple[str, ...]  # File names or stems that may hold the video.
+  captions: tuple[str, ...]
+  start_time: float | None = None
+  end_time: float | None = None
+
+
+class VideoTextConfig(tfds.core.BuilderConfig):
+  """Decoding options: target fps, shorter side and JPEG quality."""
+
+  def __init__(self, *, fps: float = 3.0, short_side: int = 224, jpeg_quality: int = 95,
+               name: str | None = None, **kwargs):
+    if fps <= 0 or short_side <= 0 or not 1 <= jpeg_quality <= 100:
+      raise ValueError(f"bad config: fps={fps}, short_side={short_side}, "
+                       f"jpeg_quality={jpeg_quality}")
+    name = name or config_name(fps, short_side)
+    kwargs.setdefault("description", f"Frames at {fps:g} fps, shorter side {short_side}.")
+    super().__init__(name=name, **kwargs)
+    self.fps, self.short_side, self.jpeg_quality = float(fps), int(short_side), jpeg_quality
+
+
+def config_name(fps: float, short_side: int) -> str:
+  return f"fps{fps:g}_{short_side}".replace(".", "p")
+
+
+class VideoIndex:
+  """Every video file under a folder, found by file name or by stem."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.by_name: dict[str, str] = {}
+    self.by_stem: dict[str, str] = {}
+    self.duplicates = 0
+    for folder, dirs, files in os.walk(root, followlinks=True):
+      dirs.sort()
+      for name in sorted(files):
+        if not name.lower().endswith(VIDEO_EXTENSIONS):
+          continue
+        path = os.path.join(folder, name)
+        if name in self.by_name:
+          self.duplicates += 1
+          continue
+        self.by_name[name] = path
+        self.by_stem.setdefault(os.path.splitext(name)[0], path)
+    if self.duplicates:
+      log.warning("%s: %d video file names occur twice; the first (sorted) is used.",
+                  root, self.duplicates)
+
+  def find(self, candidates: Iterable[str]) -> str | None:
+    """The first candidate found as a file name, else as a stem; None if absent."""
+    candidates = list(candidates)
+    for key in candidates:
+      if key in self.by_name:
+        return self.by_name[key]
+    for key in candidates:
+      if key in self.by_stem:
+        return self.by_stem[key]
+    return None
+
+  def __len__(self) -> int:
+    return len(self.by_name)
+
+
+def find_annotation(manual_dir: Path, name: str, max_depth: int = 2) -> Path:
+  """`name` in manual_dir or a subfolder up to `max_depth` deep; raises if absent."""
+  for depth in range(max_depth + 1):
+    matches = sorted(manual_dir.glob("/".join(["*"] * depth + [name])))
+    if matches:
+      return matches[0]
+  raise FileNotFoundError(f"{name} not found in {manual_dir} (or its subfolders); "
+                          "see the dataset's MANUAL_DOWNLOAD_INSTRUCTIONS.")
+
+
+def skip_report(metadata) -> str:
+  """A printable per-split summary of the skipped videos recorded in metadata."""
+  skipped = dict(metadata.get("skipped", {})) if metadata else {}
+  lines = []
+  for split, items in sorted(skipped.items()):
+    lines.append(f"{split}: {len(items)} skipped")
+    lines += [f"  {it['video_id']}: {it['reason']}" for it in items]
+  return "\n".join(lines) if lines else "no videos skipped"
+
+
+class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base class: subclasses set the class docs and implement `_read_splits`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [VideoTextConfig(fps=3.0, short_side=224)]
+  HOMEPAGE = ""
+  CITATION = ""
+
+  def __init__(self, *, num_workers: int | None = None,
+               frame_cache_dir: str | os.PathLike | None = None,
+               keep_frame_cache: bool = True, **kwargs):
+    """Args beyond TFDS's: num_workers (decode processes; None/0: all cores),
+    frame_cache_dir (default `<download_dir>/centerclip_frames/<name>`),
+    keep_frame_cache (False: delete the cache after a successful build)."""
+    super().__init__(**kwargs)
+    self.num_workers = num_workers or len(os.sched_getaffinity(0))
+    self._frame_cache_dir = frame_cache_dir
+    self._keep_frame_cache = keep_frame_cache
+    self.frame_cache_dir: str | None = None  # Set when the build starts.
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.__doc__, features=video_text_features(),
+        homepage=self.HOMEPAGE, citation=self.CITATION,
+        metadata=tfds.core.MetadataDict())
+
+  def _read_splits(self, manual_dir: Path) -> dict[str, list[VideoJob]]:
+    """Parses the annotations into jobs per split; raises AnnotationError."""
+    raise NotImplementedError
+
+  def _request(self, path: str, job: VideoJob, return_frames: bool) -> video.JpegRequest:
+    config = self.builder_config
+    return video.JpegRequest(
+        path=path, fps=config.fps, short_side=config.short_side, start_time=job.start_time,
+        end_time=job.end_time, quality=config.jpeg_quality, cache_dir=self.frame_cache_dir,
+        return_frames=return_frames)
+
+  def _split_generators(self, dl_manager):
+    """Parses annotations, then decodes every video once into the frame cache.
+
+    Decoding everything before TFDS writes any split lets a split whose videos
+    are all missing or undecodable be left out with a warning (TFDS cannot
+    write an empty split) instead of failing the build after other splits.
+    """
+    manual_dir = Path(dl_manager.manual_dir)
+    splits = self._read_splits(manual_dir)  # Fails fast on bad annotations.
+    for name, jobs in splits.items():
+      counts = collections.Counter(job.video_id for job in jobs)
+      if dup := next((v for v, n in counts.items() if n > 1), None):
+        raise AnnotationError(f"{self.name}, split {name}: video id {dup!r} listed twice")
+    index = VideoIndex(manual_dir)
+    log.info("%s: %d video files under %s", self.name, len(index), manual_dir)
+    self.frame_cache_dir = os.fspath(self._frame_cache_dir or Path(
+        dl_manager.download_dir) / "centerclip_frames" / self.name)
+    os.makedirs(self.frame_cache_dir, exist_ok=True)
+
+    paths = {(name, job.video_id): index.find(job.candidates)
+             for name, jobs in splits.items() for job in jobs}
+    unique = sorted({(p, job.start_time, job.end_time): job
+                     for name, jobs in splits.items() for job in jobs
+                     if (p := paths[name, job.video_id]) is not None}.items(),
+                    key=lambda kv: str(kv[0]))
+    requests = [self._request(key[0], job, return_frames=False) for key, job in unique]
+    errors, start = {}, time.perf_counter()
+    for (key, _), result in zip(unique, _run_pool(
+        video.encode_video_jpeg, requests, self.num_workers, f"{self.name} decode")):
+      if result.error is not None:
+        errors[key] = result.error
+    decode_seconds = time.perf_counter() - start
+
+    skipped, generators = {}, {}
+    for name, jobs in splits.items():
+      skipped[name], good = [], []
+      for job in jobs:
+        path = paths[name, job.video_id]
+        if path is None:
+          reason = f"missing: no video file named {' or '.join(job.candidates)}"
+        elif (path, job.start_time, job.end_time) in errors:
+          reason = f"undecodable: {errors[path, job.start_time, job.end_time]}"
+        else:
+          good.append((job, path))
+          continue
+        skipped[name].append({"video_id": job.video_id, "path": path, "reason": reason})
+      level = logging.WARNING if skipped[name] else logging.INFO
+      log.log(level, "%s/%s: %d of %d videos skipped%s", self.name, name,
+              len(skipped[name]), len(jobs),
+              "".join(f"\n  {s['video_id']}: {s['reason']}" for s in skipped[name]))
+      if good:
+        generators[name] = self._generate_examples(split=name, jobs=good)
+      else:
+        log.warning("%s/%s: no decodable video; the split is left out.", self.name, name)
+    self.info.metadata["skipped"] = skipped
+    self.info.metadata["empty_splits"] = sorted(set(splits) - set(generators))
+    self.info.metadata["decode"] = {"fps": self.builder_config.fps,
+                                    "short_side": self.builder_config.short_side,
+                                    "jpeg_quality": self.builder_config.jpeg_quality,
+                                    "videos": len(requests), "seconds": decode_seconds,
+                                    "workers": min(self.num_workers, len(requests))}
+    if not generators:
+      raise ValueError(f"{self.name}: no video of any split could be read from "
+                       f"{manual_dir}:\n{skip_report(self.info.metadata)}")
+    return generators
+
+  def _generate_examples(self, split: str, jobs: Sequence[tuple[VideoJob, str]]):
+    """Yields (video_id, example), reading the frames from the frame cache."""
+    for job, path in jobs:
+      result = video.encode_video_jpeg(self._request(path, job, return_frames=True))
+      if result.error is not None:  # Changed since the decoding pass.
+        log.warning("%s/%s: skipping video %s (%s)", self.name, split, job.video_id,
+                    result.error)
+        self.info.metadata["skipped"][split].append(
+            {"video_id": job.video_id, "path": path, "reason": f"undecodable: {result.error}"})
+        continue
+      yield job.video_id, {"video_id": job.video_id, "frames": list(result.jpegs),
+                           "num_frames": len(result.jpegs), "fps": result.fps,
+                           "captions": list(job.captions)}
+
+  def _post_download_and_prepare_hook(self) -> None:
+    if not self._keep_frame_cache and self.frame_cache_dir:
+      shutil.rmtree(self.frame_cache_dir, ignore_errors=True)
+
+
+def _run_pool(fn, requests, num_workers: int, desc: str):
+  """fn over requests in order, in `num_workers` spawned processes, with tqdm."""
+  bar = tqdm.tqdm(total=len(requests), desc=desc, unit="video", mininterval=2.0)
+  workers = min(num_workers, len(requests))
+  if workers <= 1:
+    for request in requests:
+      yield fn(request)
+      bar.update()
+    bar.close()
+    return
+  # Spawn, not fork: the parent has TensorFlow's threads running.
+  chunksize = 1 if len(requests) < 64 * workers else 4
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    for result in pool.imap(fn, requests, chunksize=chunksize):
+      yield result
+      bar.update()
+  bar.close()
+
+
+def check(condition: bool, file: Path | str, where: str, message: str) -> None:
+  """Raises AnnotationError('<file>, <where>: <message>') unless condition."""
+  if not condition:
+    raise AnnotationError(f"{file}, {where}: {message}")
+
+
+def strip_join(sentences: Iterable[str]) -> str:
+  """Sentences stripped and joined with one space (a paragraph caption)."""
+  return " ".join(s.strip() for s in sentences if s.strip())

@@ -1,0 +1,378 @@
+"""Video decoding (PyAV), frame sampling and CLIP frame preprocessing.
+
+Shared by the TFDS builders, the `encode` CLI and search. Only NumPy, PyAV and
+Pillow are imported here, so that worker processes stay light.
+
+* `decode_video`: frames resampled to a target fps (the frame nearest each
+  1/fps tick), shorter side resized (bicubic), optionally a [start, end) window.
+* `sample_frame_indices`: the frame-sampling rule of the training/eval
+  pipeline (uniform for eval, one random frame per segment for training).
+* `preprocess_frames`: shorter side to the model resolution, centre crop, CLIP
+  normalisation.
+* `encode_video_jpeg`: decode + JPEG-encode, with an on-disk cache; the unit
+  of work that the dataset builders hand to a process pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from fractions import Fraction
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_CACHE_FORMAT = 1
+
+
+class VideoDecodeError(ValueError):
+  """A video file is missing, unreadable, corrupt or has no frames."""
+
+
+def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+  """(height, width) with the shorter side set to `short_side`, aspect kept.
+
+  The longer side is floored, as torchvision's `Resize(int)` does.
+  """
+  if short_side is None:
+    return height, width
+  if short_side <= 0:
+    raise ValueError(f"short_side must be positive, got {short_side}")
+  if height <= width:
+    return short_side, max(1, int(short_side * width / height))
+  return max(1, int(short_side * height / width)), short_side
+
+
+def _frame_time(frame, index: int, base: Fraction, rate: Fraction | None) -> Fraction:
+  if frame.pts is not None and frame.time_base is not None:
+    return Fraction(frame.pts) * Fraction(frame.time_base)
+  if rate:
+    return base + Fraction(index) / rate
+  raise VideoDecodeError("frame without timestamp and stream without frame rate")
+
+
+def _iter_source_frames(container, stream, start: Fraction):
+  """Yields (frame, time [s], stream start [s], frame rate) in presentation order."""
+  rate = stream.average_rate or stream.guessed_rate
+  rate = Fraction(rate) if rate else None
+  base = (Fraction(stream.start_time) * Fraction(stream.time_base)
+          if stream.start_time is not None and stream.time_base is not None
+          else Fraction(0))
+  if start > 0 and stream.time_base is not None:
+    try:  # Seek to the keyframe at or before the window start.
+      container.seek(int((base + start) / Fraction(stream.time_base)),
+                     stream=stream, backward=True)
+    except av.FFmpegError:
+      container.seek(0)
+  for index, frame in enumerate(container.decode(stream)):
+    yield frame, _frame_time(frame, index, base, rate), base, rate
+
+
+def iter_frames(
+    path: str | os.PathLike,
+    *,
+    fps: float | None = 3.0,
+    short_side: int | None = 224,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    max_frames: int | None = None,
+) -> Iterator[np.ndarray]:
+  """Yields resampled, resized uint8 frames [H, W, 3] one at a time.
+
+  See `decode_video`; this streaming form keeps memory flat for long videos.
+  Errors from PyAV are raised as `VideoDecodeError` naming the file.
+  """
+  path = os.fspath(path)
+  if fps is not None and fps <= 0:
+    raise ValueError(f"fps must be positive or None, got {fps}")
+  if not os.path.isfile(path):
+    raise VideoDecodeError(f"{path}: video file not found")
+  start = Fraction(start_time) if start_time else Fraction(0)
+  end = Fraction(end_time) if end_time is not None else None
+  if end is not None and end <= start:
+    raise ValueError(f"{path}: end_time {end_time} must be after start_time {start_time}")
+  step = Fraction(fps).limit_denominator(1_000_000) if fps is not None else None
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise VideoDecodeError(f"{path}: no video stream")
+      stream = container.streams.video[0]
+      stream.thread_type = "AUTO"
+      converted = {}  # id(frame) -> array, so duplicated ticks convert once.
+
+      def convert(frame):
+        key = id(frame)
+        if key not in converted:
+          converted.clear()
+          h, w = resized_shape(frame.height, frame.width, short_side)
+          converted[key] = (frame, frame.to_ndarray(
+              width=w, height=h, format="rgb24", interpolation="BICUBIC"))
+        return converted[key][1]
+
+      emitted = 0
+      k = 0
+      prev = None  # (frame, time) of the previous source frame.
+      prev_dt = None
+      lo = hi = None
+      rate = None
+      for frame, t, base, rate in _iter_source_frames(container, stream, start):
+        if lo is None:
+          origin = base if stream.start_time is not None else t
+          lo = origin + start
+          hi = origin + end if end is not None else None
+        if step is None:  # Keep every frame inside the window.
+          if t < lo:
+            continue
+          if hi is not None and t >= hi:
+            break
+          yield convert(frame)
+          emitted += 1
+        else:
+          tick = lo + k / step
+          while tick <= t and (hi is None or tick < hi):
+            if prev is not None and tick - prev[1] <= t - tick:
+              yield convert(prev[0])
+            else:
+              yield convert(frame)
+            emitted += 1
+            k += 1
+            tick = lo + k / step
+            if max_frames is not None and emitted >= max_frames:
+              return
+          if hi is not None and tick >= hi:
+            break
+          if prev is not None and t > prev[1]:
+            prev_dt = t - prev[1]
+          prev = (frame, t)
+        if max_frames is not None and emitted >= max_frames:
+          return
+      else:
+        # End of stream: the last frame covers ticks up to its end time.
+        if step is not None and prev is not None:
+          dt = prev_dt if prev_dt else (1 / rate if rate else 1 / step)
+          stop = prev[1] + dt if hi is None else min(prev[1] + dt, hi)
+          tick = lo + k / step
+          while tick < stop and (max_frames is None or emitted < max_frames):
+            yield convert(prev[0])
+            emitted += 1
+            k += 1
+            tick = lo + k / step
+      if emitted == 0:
+        window = "" if start_time is None and end_time is None else (
+            f" in [{start_time}, {end_time}) s")
+        raise VideoDecodeError(f"{path}: no frames decoded{window}")
+  except VideoDecodeError:
+    raise
+  except Exception as e:  # PyAV / FFmpeg errors: corrupt or unreadable file.
+    raise VideoDecodeError(
+        f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+
+
+def decode_video(
+    path: str | os.PathLike,
+    *,
+    fps: float | None = 3.0,
+    short_side: int | None = 224,
+    start_time: float | None = None,
+    end_time: float | None = None,
+    max_frames: int | None = None,
+) -> tuple[np.ndarray, float]:
+  """Decodes a video into uint8 frames [T, H, W, 3] at `fps`.
+
+  Resampling: ticks at start + k / fps for every k with tick < end of the window
+  (the video's end is its last frame's time plus one frame duration); each tick
+  takes the source frame nearest to it (the earlier one on a tie), like
+  `ffmpeg -r fps` up to which of two neighbouring frames wins. A video shorter
+  than one tick gives 1 frame. `fps=None` keeps every source frame.
+
+  Args:
+    path: the video file.
+    fps: target frame rate, or None to keep every frame.
+    short_side: the shorter side after a bicubic resize (aspect kept, longer
+      side floored), or None to keep the size.
+    start_time, end_time: optional window in seconds from the stream start
+      (seek to start, decode up to end).
+    max_frames: optional cap: stop after this many output frames.
+
+  Returns:
+    (frames uint8 [T, H, W, 3], fps of the frames).
+
+  Raises:
+    VideoDecodeError: missing, unreadable, corrupt or frameless video.
+  """
+  frames = list(iter_frames(path, fps=fps, short_side=short_side,
+                            start_time=start_time, end_time=end_time,
+                            max_frames=max_frames))
+  return np.stack(frames), _output_fps(path, fps)
+
+
+def _output_fps(path, fps: float | None) -> float:
+  if fps is not None:
+    return float(fps)
+  try:
+    with av.open(os.fspath(path)) as container:
+      stream = container.streams.video[0]
+      rate = stream.average_rate or stream.guessed_rate
+      return float(rate) if rate else 0.0
+  except Exception as e:
+    raise VideoDecodeError(f"{path}: cannot read frame rate ({e})") from e
+
+
+def sample_frame_indices(
+    num_frames: int,
+    max_frames: int,
+    *,
+    train: bool = False,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Which of `num_frames` frames to feed the model.
+
+  Eval (or train with num_frames <= max_frames): with tick = T / max_frames,
+  frame i is int(tick / 2 + tick * i) (float64, this exact operation order) when
+  T > max_frames; otherwise all T frames then the last index repeated, masked.
+  Train with T > max_frames: TSN-style, one uniformly random frame from each of
+  max_frames equal segments [int(tick * i), int(tick * (i + 1))).
+
+  Returns:
+    (indices int32 [max_frames], mask bool [max_frames]).
+  """
+  if num_frames < 1:
+    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+  if max_frames < 1:
+    raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+  mask = np.ones([max_frames], dtype=bool)
+  if num_frames <= max_frames:
+    indices = np.minimum(np.arange(max_frames), num_frames - 1)
+    mask[num_frames:] = False
+    return indices.astype(np.int32), mask
+  tick = num_frames / max_frames
+  i = np.arange(max_frames, dtype=np.float64)
+  if not train:
+    return (tick / 2 + tick * i).astype(np.int32), mask
+  rng = np.random.default_rng() if rng is None else rng
+  starts = (tick * i).astype(np.int64)
+  ends = (tick * (i + 1)).astype(np.int64)
+  ends[-1] = num_frames
+  offsets = rng.integers(0, np.maximum(ends - starts, 1))
+  return (starts + offsets).astype(np.int32), mask
+
+
+def preprocess_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
+  """CLIP preprocessing of uint8 frames [T, H, W, 3] -> float32 [T, res, res, 3].
+
+  Shorter side to `resolution` (PIL bicubic, longer side floored), centre crop
+  (offsets rounded as torchvision's CenterCrop), scale to [0, 1], normalise with
+  CLIP_MEAN / CLIP_STD.
+  """
+  frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+    raise ValueError(
+        f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+  out = np.empty([frames.shape[0], resolution, resolution, 3], np.float32)
+  mean = np.asarray(CLIP_MEAN, np.float32)
+  std = np.asarray(CLIP_STD, np.float32)
+  for t, frame in enumerate(frames):
+    h, w = frame.shape[:2]
+    nh, nw = resized_shape(h, w, resolution)
+    if (nh, nw) != (h, w):
+      frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BICUBIC))
+    top = int(round((nh - resolution) / 2.0))
+    left = int(round((nw - resolution) / 2.0))
+    crop = frame[top:top + resolution, left:left + resolution]
+    out[t] = (crop.astype(np.float32) / 255.0 - mean) / std
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegRequest:
+  """One video to decode and JPEG-encode (picklable, for process pools)."""
+  path: str
+  fps: float | None = 3.0
+  short_side: int | None = 224
+  start_time: float | None = None
+  end_time: float | None = None
+  quality: int = 95
+  cache_dir: str | None = None  # Reuse/store results here when set.
+  return_frames: bool = True  # False: only store in cache_dir, return counts.
+
+  def cache_key(self) -> str:
+    st = os.stat(self.path)
+    text = "|".join(str(x) for x in (
+        _CACHE_FORMAT, os.path.abspath(self.path), st.st_mtime_ns, st.st_size,
+        self.fps, self.short_side, self.start_time, self.end_time, self.quality))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegResult:
+  jpegs: tuple[bytes, ...] = ()  # Empty when the request had return_frames=False.
+  fps: float = 0.0
+  error: str | None = None  # Set when the video could not be decoded.
+  from_cache: bool = False
+  num_frames: int = 0
+
+
+def _encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _load_cache(file: str, frames: bool) -> JpegResult | None:
+  try:
+    with np.load(file, allow_pickle=False) as z:
+      offsets, jpegs = z["offsets"], ()
+      if frames:
+        data = z["data"].tobytes()
+        jpegs = tuple(data[a:b] for a, b in zip(offsets[:-1], offsets[1:]))
+      return JpegResult(jpegs, float(z["fps"]), from_cache=True,
+                        num_frames=len(offsets) - 1)
+  except Exception:  # Unreadable cache entry (e.g. killed mid-write): redo.
+    return None
+
+
+def _save_cache(file: str, result: JpegResult) -> None:
+  offsets = np.cumsum([0] + [len(j) for j in result.jpegs]).astype(np.int64)
+  data = np.frombuffer(b"".join(result.jpegs), dtype=np.uint8)
+  tmp = f"{file}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, data=data, offsets=offsets, fps=np.float64(result.fps))
+  os.replace(tmp, file)
+
+
+def encode_video_jpeg(request: JpegRequest) -> JpegResult:
+  """Decodes `request.path` and JPEG-encodes its frames; never raises.
+
+  With `cache_dir`, a result keyed by (path, mtime, size, decode options) is
+  read back instead of decoding, and new results are stored there, so an
+  interrupted dataset build restarts fast. Decode errors come back as
+  `JpegResult.error` (decode failures are not cached).
+  """
+  try:
+    file = None
+    if request.cache_dir and os.path.isfile(request.path):
+      file = os.path.join(request.cache_dir, request.cache_key() + ".npz")
+      if os.path.exists(file):
+        if (cached := _load_cache(file, request.return_frames)) is not None:
+          return cached
+    jpegs = tuple(_encode_jpeg(f, request.quality) for f in iter_frames(
+        request.path, fps=request.fps, short_side=request.short_side,
+        start_time=request.start_time, end_time=request.end_time))
+    fps = _output_fps(request.path, request.fps)
+    result = JpegResult(jpegs, fps, num_frames=len(jpegs))
+    if file is not None:
+      os.makedirs(request.cache_dir, exist_ok=True)
+      _save_cache(file, result)
+      if not request.return_frames:
+        result = dataclasses.replace(result, jpegs=())
+    return result
+  except Exception as e:  # Report, never crash a pool worker.
+    msg = str(e) if isinstance(e, VideoDecodeError) else (
+        f"{request.path}: {type(e).__name__}: {e}")
+    return JpegResult(error=msg)
