@@ -56,18 +56,19 @@ def embed_split(model, params, builder, split: str, config, mesh) -> dict[str, A
   global_bs = config.eval.batch_size
   parallel.check_batch_divisible(global_bs, mesh)
   per_host = global_bs // jax.process_count()
-  videos, texts = pipeline.eval_datasets(
+  data = pipeline.eval_datasets(
       builder, split, batch_size=per_host, max_frames=model.max_frames,
       max_words=config.model.max_words, resolution=res,
       process_index=jax.process_index(), process_count=jax.process_count())
   encode_video, encode_text = make_encoders(model, mesh)
   show = jax.process_index() == 0
-  num_videos = builder.info.splits[split].num_examples
+  num_videos = data.num_videos
   video_fn = lambda f, m: encode_video(params, f, m)
   text_fn = lambda t: encode_text(params, t)
-  v_emb, v_idx = _collect(videos, video_fn, ("frames", "frame_mask"), mesh, num_videos,
+  v_emb, v_idx = _collect(data.videos, video_fn, ("frames", "frame_mask"), mesh, num_videos,
                           f"embed {split} videos", show)
-  t_emb, t_idx = _collect(texts, text_fn, ("text",), mesh, None, f"embed {split} captions", show)
+  t_emb, t_idx = _collect(data.texts, text_fn, ("text",), mesh, data.num_texts,
+                          f"embed {split} captions", show)
   if sorted(v_idx.tolist()) != list(range(num_videos)):
     raise RuntimeError(f"eval of {split}: got {len(v_idx)} videos, expected each of "
                        f"{num_videos} exactly once")

@@ -47,7 +47,7 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.dataset: unknown dataset {config.dataset!r} ({e})") from None
   if not builder.is_prepared():
-    if config.dataset == "synthetic_video_text":
+    if config.dataset.split("/")[0] == "synthetic_video_text":
       logging.info("building the synthetic demo dataset in %s", builder.data_dir)
       builder.download_and_prepare()
     else:
@@ -77,7 +77,7 @@ def make_train_step(model, tx):
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    params = optim.clamp_logit_scale(optax.apply_updates(state["params"], updates))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": rng}
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
@@ -165,7 +165,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1)}
   ckpt = checkpoints_lib.Checkpointer(
-      str(workdir / "checkpoints"), max_to_keep=t.keep_checkpoints,
+      str(workdir), max_to_keep=t.keep_checkpoints,
       best_metric="/".join(SELECTION_METRIC), best_mode="max")
   start_step, data_position = 0, {"step": 0}
   restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))

@@ -69,8 +69,7 @@ def load_model(config: ml_collections.ConfigDict, rng=None
   path = resolve_path(config.init_from, "init_from")
   if (path / "checkpoints").is_dir():
     from centerclip_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    params = checkpoints.load_params_only(path / "checkpoints",
-                                          centerclip.abstract_params(model))
+    params = checkpoints.load_params_only(path, centerclip.abstract_params(model))
     logging.info("loaded trained params from %s", path)
     return model, params
   from centerclip_jax.models import porting  # pylint: disable=g-import-not-at-top
