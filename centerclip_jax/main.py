@@ -29,7 +29,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")  # TF is only the input pipeline
-  logging.info("running %s with config %s", _CONFIG.value.mode, flags.FLAGS["config"].value)
+  logging.info("running %s (%s)", _CONFIG.value.mode, flags.FLAGS["config"].config_filename)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError) as e:

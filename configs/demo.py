@@ -3,7 +3,7 @@ r"""The built-in demo: a small CLIP trained from scratch on the synthetic benchm
   python -m centerclip_jax.main --config configs/demo.py --workdir runs/demo
 
 Builds `synthetic_video_text` on first use (no download), trains with CenterCLIP token
-clustering (k-medoids++, after block 2: 8 frames -> 4 segments of 32 tokens), evaluates
+clustering (k-medoids++, after block 1: 8 frames -> 4 segments of 8 tokens), evaluates
 text<->video retrieval on the test split and prints the table. The same `main` trains
 MSR-VTT. `--config configs/demo.py:baseline` runs the no-clustering baseline.
 """
@@ -19,14 +19,14 @@ def get_config(arg: str = "centerclip"):
   c.train_split = "train"
   c.val_split = "val"
   c.eval_split = "test"
-  c.model = config_lib.model_config(max_frames=8, num_blocks=4, tokens_per_frame=64)
+  c.model = config_lib.model_config(max_frames=8, num_blocks=3, tokens_per_frame=16)
   c.model.clip_dims = dict(
-      embed_dim=128, image_resolution=64, vision_layers=4, vision_width=128,
+      embed_dim=128, image_resolution=32, vision_layers=3, vision_width=128,
       vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=128,
       transformer_heads=2, transformer_layers=2)
   c.model.max_words = 24
-  c.model.target_frames_blocks = (8, 8, 4, 4)
-  c.model.cluster_num_blocks = (64, 64, 32, 32)
+  c.model.target_frames_blocks = (8, 4, 4)
+  c.model.cluster_num_blocks = (16, 8, 8)
   c.model.cluster_inter = 1 if arg == "centerclip" else 0
   c.train.global_batch_size = 64
   c.train.num_epochs = 25

@@ -75,3 +75,43 @@ def test_startup_errors_are_clear(tmp_path):
                   "--config.model.target_frames_blocks=(12,12,12,12,12,12,5,5,5,5,5,5)")
   assert proc.returncode != 0 and "target_frames_blocks" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def _final_params(workdir, step=6):
+  from centerclip_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(str(workdir / "checkpoints" / str(step) / checkpoints.STATE))
+  import jax  # pylint: disable=g-import-not-at-top
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(trained):
+  """Kill mid-run (SIGTERM saves first), resume: the final params equal the
+  uninterrupted run's (the `trained` fixture, same config)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  tmp, full_run, _ = trained
+  workdir = tmp / "killed"
+  args = [sys.executable, "-m", "centerclip_jax.main", *tiny_args(tmp, workdir),
+          "--config.train.log_every_steps=1"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+  killed = False
+  for line in proc.stderr:
+    if "step 3/6" in line and not killed:
+      proc.send_signal(signal.SIGTERM)
+      killed = True
+  proc.wait(timeout=300)
+  assert killed and proc.returncode == 143
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 6
+  resumed = run_main(*tiny_args(tmp, workdir))
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f"resumed from step {saved[-1]}" in resumed.stderr
+  a, b = _final_params(full_run), _final_params(workdir)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

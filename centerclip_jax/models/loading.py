@@ -64,7 +64,8 @@ def load_model(config: ml_collections.ConfigDict, rng=None
   clip_config = clip_config_for(config)
   model = centerclip.build_model(config.model, clip_config)
   if not config.init_from:
-    logging.warning("config.init_from is empty: using RANDOM %s weights", config.model.arch)
+    arch = "custom (config.model.clip_dims)" if config.model.get("clip_dims") else config.model.arch
+    logging.warning("config.init_from is empty: using RANDOM %s weights", arch)
     return model, centerclip.init_params(model, rng)
   path = resolve_path(config.init_from, "init_from")
   if (path / "checkpoints").is_dir():

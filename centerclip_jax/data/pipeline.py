@@ -1,0 +1,442 @@
+"""tf.data input pipeline: TFDS video-text examples -> per-host numpy batches.
+
+Every builder writes the schema of `datasets/features.py` (frames as a sequence of JPEG
+images). Frames are loaded undecoded (`tfds.decode.SkipDecoding`) and only the sampled ones
+are decoded. The sampling and preprocessing rules are TF mirrors of
+`video.sample_frame_indices` and `video.preprocess_frames`:
+
+* Train: TSN, one random frame from each of `max_frames` equal segments; eval: the centre
+  rule `int(tick / 2 + tick * i)`. A video with T <= max_frames gives all T frames, then
+  the last frame repeated and masked out (`frame_mask` False).
+* Shorter side -> `resolution` (bicubic as PIL, within one uint8 level; skipped when the
+  size already matches), centre crop, [0, 1], CLIP mean/std. The same in training and
+  eval, as in CenterCLIP.
+
+Training streams are infinite, deterministic given `seed`, and resumable: the stream read
+from `start_step` equals the tail of the stream read from 0, and the skipped examples are
+read but never decoded. All randomness is stateless, keyed by (seed, host, position in
+the stream), so a video gets a fresh caption and frame sample in every epoch.
+
+Eval streams cover every video (`videos`) and every caption as a query (`texts`) exactly
+once over all hosts; each host gets the same number of full batches, padded with
+`valid=False` rows, so multi-host evaluation stays in lock step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import time
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from centerclip_jax.data import video
+
+# texts, max_words -> int32 [len(texts), max_words].
+TokenizeFn = Callable[[Sequence[str], int], np.ndarray]
+
+_REQUIRED_FEATURES = ("frames", "captions", "video_id")
+
+
+def _default_tokenize() -> TokenizeFn:
+  from centerclip_jax.data.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
+  return get_tokenizer().tokenize
+
+
+def _derive_seed(*parts) -> int:
+  """A 63-bit integer seed from any printable parts (stable across runs and hosts)."""
+  digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+  return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _check_builder(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  names = set(builder.info.features.keys())
+  missing = [k for k in _REQUIRED_FEATURES if k not in names]
+  if missing:
+    raise ValueError(f"dataset {builder.info.full_name!r} lacks features {missing}; video-text "
+                     "builders must use datasets.features.video_text_features()")
+  try:
+    builder.info.splits[split]
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"dataset {builder.info.full_name!r} has no split {split!r} "
+                     f"(splits: {sorted(builder.info.splits.keys())}); is it prepared?") from e
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def frame_indices(num_frames: tf.Tensor, max_frames: int, *, train: bool,
+                  seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+  """TF version of `video.sample_frame_indices`: (int32 [max_frames], bool [max_frames]).
+
+  `seed` is a stateless seed (int64 [2]), required when `train`.
+  """
+  t = tf.cast(num_frames, tf.int64)
+  positions = tf.range(max_frames, dtype=tf.int64)
+  short_indices = tf.minimum(positions, t - 1)
+  tick = tf.cast(t, tf.float64) / float(max_frames)
+  i = tf.cast(positions, tf.float64)
+  if train:
+    if seed is None:
+      raise ValueError("frame_indices(train=True) needs a stateless seed")
+    starts = tf.cast(tick * i, tf.int64)
+    ends = tf.concat([tf.cast(tick * (i[:-1] + 1.0), tf.int64), t[None]], axis=0)
+    lengths = tf.maximum(ends - starts, 1)
+    u = tf.random.stateless_uniform([max_frames], seed=seed, dtype=tf.float64)
+    offsets = tf.minimum(tf.cast(u * tf.cast(lengths, tf.float64), tf.int64), lengths - 1)
+    long_indices = starts + offsets
+  else:
+    long_indices = tf.cast(tick / 2.0 + tick * i, tf.int64)
+  is_long = t > max_frames
+  indices = tf.where(is_long, long_indices, short_indices)
+  mask = tf.logical_or(is_long, positions < t)
+  return tf.cast(indices, tf.int32), mask
+
+
+# ------------------------------------------------------------------- decode, preprocess
+
+
+def resize_and_crop(frames: tf.Tensor, resolution: int) -> tf.Tensor:
+  """Shorter side -> resolution, centre crop: uint8 [n, H, W, 3] -> uint8 [n, R, R, 3].
+
+  Mirrors `video.preprocess_frames` (PIL bicubic, longer side floored, crop offsets
+  rounded half to even). Shrinking follows PIL's two antialiased passes (width, then
+  height, rounding to uint8 in between); enlarging is one plain bicubic pass (Keys a=-0.5,
+  half-pixel centres; 5-10x faster than antialiased passes). Either way a pixel is at
+  most one uint8 level from PIL's (shrinking: well under 1% of pixels off, enlarging:
+  about 20%). Frames that already have the target size are only cropped.
+  """
+  shape = tf.shape(frames)
+  h, w = shape[1], shape[2]
+  hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+  long_h = tf.maximum(1, tf.cast(resolution * hf / wf, tf.int32))
+  long_w = tf.maximum(1, tf.cast(resolution * wf / hf, tf.int32))
+  new_h = tf.where(h <= w, resolution, long_h)
+  new_w = tf.where(h <= w, long_w, resolution)
+
+  def to_uint8(x):
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+  def shrink():
+    x = tf.cond(new_w < w, lambda: to_uint8(tf.image.resize(
+        frames, tf.stack([h, new_w]), method="bicubic", antialias=True)), lambda: frames)
+    return tf.cond(new_h < h, lambda: to_uint8(tf.image.resize(
+        x, tf.stack([new_h, new_w]), method="bicubic", antialias=True)), lambda: x)
+
+  def enlarge():
+    return to_uint8(tf.image.resize(frames, tf.stack([new_h, new_w]), method="bicubic"))
+
+  def keep():
+    return frames
+
+  frames = tf.case([(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), keep),
+                    (new_h < h, shrink)], default=enlarge)
+  # Python's round() (half to even) of (n - R) / 2, as torchvision's CenterCrop.
+  top = tf.cast(tf.round(tf.cast(new_h - resolution, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - resolution, tf.float32) / 2.0), tf.int32)
+  crop = frames[:, top:top + resolution, left:left + resolution, :]
+  return tf.ensure_shape(crop, [None, resolution, resolution, 3])
+
+
+def normalize(frames: tf.Tensor) -> tf.Tensor:
+  """uint8 [..., 3] -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, as one multiply-add."""
+  std = np.asarray(video.CLIP_STD, np.float64)
+  scale = tf.constant(1.0 / (255.0 * std), tf.float32)
+  bias = tf.constant(-np.asarray(video.CLIP_MEAN, np.float64) / std, tf.float32)
+  return tf.cast(frames, tf.float32) * scale + bias
+
+
+def preprocess(frames: tf.Tensor, resolution: int) -> tf.Tensor:
+  """TF version of `video.preprocess_frames`: uint8 [n, H, W, 3] -> float32 [n, R, R, 3]."""
+  return normalize(resize_and_crop(frames, resolution))
+
+
+def _load_frames(jpegs: tf.Tensor, indices: tf.Tensor, mask: tf.Tensor,
+                 resolution: int) -> tf.Tensor:
+  """Decodes only the distinct sampled frames; [max_frames, R, R, 3] float32."""
+  distinct = tf.reduce_sum(tf.cast(mask, tf.int32))  # Valid entries are distinct frames.
+  chosen = tf.gather(jpegs, indices[:distinct])
+  decoded = tf.map_fn(
+      lambda b: tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE"),
+      chosen, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+  frames = resize_and_crop(decoded, resolution)
+  repeat_last = tf.minimum(tf.range(tf.size(indices)), distinct - 1)
+  return normalize(tf.gather(frames, repeat_last))
+
+
+def _num_frames(example: dict) -> tf.Tensor:
+  n = tf.shape(example["frames"])[0]
+  tf.debugging.assert_positive(n, message="video without frames")
+  return n
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train_tf_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int,
+                     max_frames: int, max_words: int, resolution: int, seed: int,
+                     process_index: int = 0, process_count: int = 1, start_step: int = 0,
+                     shuffle_buffer: int = 2048,
+                     tokenize: TokenizeFn | None = None) -> tf.data.Dataset:
+  """The infinite training stream of this host as a tf.data.Dataset (see train_dataset)."""
+  _check_positive(global_batch_size=global_batch_size, max_frames=max_frames,
+                  max_words=max_words, resolution=resolution, shuffle_buffer=shuffle_buffer)
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                     f"process_count={process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  _check_builder(builder, split)
+  batch = global_batch_size // process_count
+  tokenize = tokenize or _default_tokenize()
+  host_split = tfds.even_splits(split, process_count)[process_index]
+  if builder.info.splits[host_split].num_examples == 0:
+    raise ValueError(f"split {split!r} of {builder.info.full_name!r} has no examples for "
+                     f"host {process_index} of {process_count}")
+
+  ds = builder.as_dataset(
+      split=host_split, shuffle_files=True, decoders={"frames": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=_derive_seed(seed, process_index, "files"),
+                                  options=_options(), try_autocache=False))
+  ds = ds.map(lambda ex: {"frames": ex["frames"], "captions": ex["captions"]})
+  ds = ds.shuffle(shuffle_buffer, seed=_derive_seed(seed, process_index, "shuffle"),
+                  reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()  # Position in the infinite stream keys all randomness.
+  ds = ds.skip(start_step * batch)  # Before decoding: resuming costs only reads.
+  example_seed = _derive_seed(seed, process_index, "examples")
+  host_key = tf.constant([example_seed >> 32, example_seed & 0xFFFFFFFF], tf.int64)
+
+  def load(position, example):
+    key = tf.random.experimental.stateless_fold_in(host_key, position)
+    caption_key, frames_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    captions = example["captions"]
+    count = tf.size(captions)
+    tf.debugging.assert_positive(count, message="video without captions")
+    pick = tf.random.stateless_uniform([], caption_key, minval=0, maxval=count, dtype=tf.int32)
+    indices, mask = frame_indices(_num_frames(example), max_frames, train=True, seed=frames_key)
+    return {"frames": _load_frames(example["frames"], indices, mask, resolution),
+            "frame_mask": mask, "caption": captions[pick]}
+
+  ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True)
+  ds = ds.map(_tokenizer_map(tokenize, batch, max_words))
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def _tokenizer_map(tokenize: TokenizeFn, batch: int, max_words: int):
+  def run(texts: np.ndarray) -> np.ndarray:
+    tokens = np.asarray(tokenize([t.decode("utf-8") for t in texts], max_words), np.int32)
+    if tokens.shape != (len(texts), max_words):
+      raise ValueError(f"tokenizer returned {tokens.shape}, expected ({len(texts)}, "
+                       f"{max_words})")
+    return tokens
+
+  def apply(example):
+    text = tf.numpy_function(run, [example.pop("caption")], tf.int32, stateful=False)
+    example["text"] = tf.ensure_shape(text, [batch, max_words])
+    return example
+
+  return apply
+
+
+def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int,
+                  max_frames: int, max_words: int, resolution: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, start_step: int = 0,
+                  shuffle_buffer: int = 2048,
+                  tokenize: TokenizeFn | None = None) -> Iterator[dict]:
+  """Infinite iterator of this host's training batches (numpy), b = global / processes.
+
+  Yields {'frames': float32 [b, max_frames, R, R, 3] (CLIP-normalised),
+          'frame_mask': bool [b, max_frames], 'text': int32 [b, max_words]}.
+  One random caption per video per epoch, TSN frame sampling, a new seeded shuffle every
+  epoch; the stream from `start_step` equals the stream from 0 after `start_step` batches.
+  `tokenize` defaults to `tokenizer.get_tokenizer().tokenize`.
+  """
+  return iter(tfds.as_numpy(train_tf_dataset(
+      builder, split, global_batch_size=global_batch_size, max_frames=max_frames,
+      max_words=max_words, resolution=resolution, seed=seed, process_index=process_index,
+      process_count=process_count, start_step=start_step, shuffle_buffer=shuffle_buffer,
+      tokenize=tokenize)))
+
+
+# -------------------------------------------------------------------------------- eval
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStream:
+  """One host's padded eval batches; iterate it (numpy dicts) as often as you like.
+
+  num_examples: valid examples over all hosts; num_batches: batches on every host.
+  keys: for videos, the video ids; for texts, the captions; index = global index.
+  """
+
+  dataset: tf.data.Dataset
+  num_examples: int
+  num_batches: int
+  keys: tuple[str, ...]
+
+  def __iter__(self) -> Iterator[dict]:
+    return iter(tfds.as_numpy(self.dataset))
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+class EvalData(NamedTuple):
+  videos: EvalStream
+  texts: EvalStream
+
+  @property
+  def num_videos(self) -> int:
+    return self.videos.num_examples
+
+  @property
+  def num_texts(self) -> int:
+    return self.texts.num_examples
+
+
+def _even_ranges(total: int, count: int) -> list[tuple[int, int]]:
+  """[start, end) of `count` contiguous parts, the first `total % count` one longer."""
+  base, extra = divmod(total, count)
+  starts = [i * base + min(i, extra) for i in range(count + 1)]
+  return list(zip(starts[:-1], starts[1:]))
+
+
+def _pad(ds: tf.data.Dataset, count: int) -> tf.data.Dataset:
+  """Appends `count` all-zero copies of the element spec with valid=False."""
+  if count == 0:
+    return ds
+  zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+  return ds.concatenate(tf.data.Dataset.from_tensors(zeros).repeat(count))
+
+
+def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: int,
+                  max_frames: int, max_words: int, resolution: int, process_index: int = 0,
+                  process_count: int = 1, tokenize: TokenizeFn | None = None) -> EvalData:
+  """This host's eval videos and caption queries, padded to full batches.
+
+  videos: {'frames' float32 [b, max_frames, R, R, 3], 'frame_mask' bool [b, max_frames],
+           'video_index' int32 [b], 'valid' bool [b]}, centre frame sampling.
+  texts:  {'text' int32 [b, max_words], 'video_index' int32 [b], 'valid' bool [b]}: every
+          caption of every video. `video_index` is the video's index in the split, over all
+          hosts; padded rows have valid=False and video_index -1. Hosts get disjoint,
+          contiguous parts of the split (`tfds.even_splits`) and equal batch counts.
+  """
+  _check_positive(batch_size=batch_size, max_frames=max_frames, max_words=max_words,
+                  resolution=resolution)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+  _check_builder(builder, split)
+  tokenize = tokenize or _default_tokenize()
+  host_splits = tfds.even_splits(split, process_count)
+  sizes = [builder.info.splits[s].num_examples for s in host_splits]
+  offsets = np.cumsum([0] + sizes).tolist()
+
+  # Captions and ids of the whole split (all hosts, no frames): tiny, and gives every host
+  # the text count it needs to pad to the same number of batches.
+  video_ids, captions, caption_video = [], [], []
+  for host, sub in enumerate(host_splits):
+    meta = builder.as_dataset(
+        split=sub, shuffle_files=False, read_config=tfds.ReadConfig(options=_options()),
+        decoders=tfds.decode.PartialDecoding({"video_id": True, "captions": True}))
+    for local, example in enumerate(tfds.as_numpy(meta)):
+      video_ids.append(example["video_id"].decode("utf-8"))
+      for text in example["captions"]:
+        captions.append(text.decode("utf-8"))
+        caption_video.append(offsets[host] + local)
+  num_videos = offsets[-1]
+
+  video_batches = math.ceil(max(sizes) / batch_size) if num_videos else 0
+  offset = offsets[process_index]
+  videos = builder.as_dataset(
+      split=host_splits[process_index], shuffle_files=False,
+      decoders={"frames": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(options=_options(), try_autocache=False))
+
+  def load(local, example):
+    indices, mask = frame_indices(_num_frames(example), max_frames, train=False)
+    return {"frames": _load_frames(example["frames"], indices, mask, resolution),
+            "frame_mask": mask, "video_index": tf.cast(local + offset, tf.int32),
+            "valid": tf.constant(True)}
+
+  videos = videos.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE,
+                                  deterministic=True)
+  videos = _pad(videos, video_batches * batch_size - sizes[process_index])
+  videos = videos.map(_mark_padding).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+  text_ranges = _even_ranges(len(captions), process_count)
+  text_batches = math.ceil(max(e - s for s, e in text_ranges) / batch_size) if captions else 0
+  start, end = text_ranges[process_index]
+  rows = text_batches * batch_size
+  tokens = np.zeros([rows, max_words], np.int32)
+  if end > start:
+    tokens[:end - start] = np.asarray(tokenize(captions[start:end], max_words), np.int32)
+  index = np.full([rows], -1, np.int32)
+  index[:end - start] = caption_video[start:end]
+  texts = tf.data.Dataset.from_tensor_slices(
+      {"text": tokens, "video_index": index, "valid": index >= 0}).batch(batch_size)
+
+  return EvalData(
+      videos=EvalStream(videos.with_options(_options()), num_videos, video_batches,
+                        tuple(video_ids)),
+      texts=EvalStream(texts.with_options(_options()), len(captions), text_batches,
+                       tuple(captions)))
+
+
+def _mark_padding(example: dict) -> dict:
+  # Padding rows come in as zeros: valid False already; make their video_index -1.
+  example["video_index"] = tf.where(example["valid"], example["video_index"], -1)
+  return example
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def benchmark(builder: tfds.core.DatasetBuilder, split: str = "train", *, batch_size: int = 32,
+              max_frames: int = 12, max_words: int = 32, resolution: int = 224,
+              num_batches: int = 20, warmup_batches: int = 2, seed: int = 0,
+              tokenize: TokenizeFn | None = None) -> dict:
+  """Training-pipeline throughput on this host: videos/s and videos/s per CPU core.
+
+  `videos_per_s_per_core` divides by the cores this process may use;
+  `videos_per_cpu_s` divides by the CPU time the process used, which stays meaningful when
+  other jobs share the machine.
+  """
+  if num_batches < 1:
+    raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+  stream = train_dataset(builder, split, global_batch_size=batch_size, max_frames=max_frames,
+                         max_words=max_words, resolution=resolution, seed=seed,
+                         tokenize=tokenize)
+  for _ in range(warmup_batches):
+    next(stream)
+  start, cpu_start = time.perf_counter(), time.process_time()
+  for _ in range(num_batches):
+    next(stream)
+  seconds = time.perf_counter() - start
+  cpu_seconds = time.process_time() - cpu_start
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  rate = num_batches * batch_size / seconds
+  return {"videos_per_s": rate, "videos_per_s_per_core": rate / cores, "cores": cores,
+          "videos_per_cpu_s": num_batches * batch_size / cpu_seconds, "seconds": seconds,
+          "batches": num_batches, "batch_size": batch_size, "max_frames": max_frames,
+          "resolution": resolution}
