@@ -168,7 +168,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       str(workdir), max_to_keep=t.keep_checkpoints,
       best_metric="/".join(SELECTION_METRIC), best_mode="max")
   start_step, data_position = 0, {"step": 0}
-  restored = ckpt.restore_latest(jax.tree.map(np.asarray, state))
+  restored = ckpt.restore_latest(state)
   if restored is not None:
     start_step, state, data_position, _ = restored
     logging.info("resumed from step %d", start_step)
@@ -240,7 +240,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
     best_step = ckpt.best_step()
     if best_step is not None:
       logging.info("restoring the best checkpoint (step %d) for the final eval", best_step)
-      final = ckpt.restore(best_step, jax.tree.map(np.asarray, state))[1]["params"]
+      final = ckpt.restore(best_step, state)[1]["params"]
   ckpt.close()
   info = {"train_steps": total_steps, "steps_per_epoch": steps_per_epoch,
           "best_step": best["step"], "best_selection_R@1": best["value"],

@@ -134,7 +134,10 @@ def _sniff(path: Path) -> str:
 
 def _numpy_safe_globals():
   """numpy scalars/dtypes that training scripts leave in checkpoints (e.g. best_acc1)."""
-  from numpy._core.multiarray import scalar  # pylint: disable=g-import-not-at-top
+  try:
+    from numpy._core.multiarray import scalar  # pylint: disable=g-import-not-at-top
+  except ImportError:  # numpy < 2
+    from numpy.core.multiarray import scalar  # pylint: disable=g-import-not-at-top
   dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Int64DType",
                                              "Int32DType", "BoolDType") if hasattr(np.dtypes, n)]
   return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
@@ -208,10 +211,16 @@ def split_clip_state_dict(state_dict: Mapping[str, np.ndarray]):
 def infer_config(clip_state_dict: Mapping[str, Any]) -> CLIPConfig:
   """`CLIPConfig.from_shapes` on an OpenAI-layout state dict; ValueError if impossible."""
   try:
-    return CLIPConfig.from_shapes({k: np.shape(v) for k, v in clip_state_dict.items()})
+    config = CLIPConfig.from_shapes({k: np.shape(v) for k, v in clip_state_dict.items()})
   except (IndexError, TypeError, KeyError) as e:
     raise ValueError(f"cannot infer the CLIP architecture from the key shapes ({_brief(e)})"
                      ) from None
+  for tower, width, heads in (("vision", config.vision_width, config.vision_heads),
+                              ("text", config.transformer_width, config.transformer_heads)):
+    if heads < 1 or width % heads:
+      raise ValueError(f"{tower} width {width} (from the key shapes) is not a multiple of 64, "
+                       "as CLIP's attention heads need")
+  return config
 
 
 def read_torch_checkpoint(path) -> tuple[dict[str, np.ndarray], str]:
@@ -324,10 +333,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray]):
   try:
     clip_sd, extras_sd, prefix = split_clip_state_dict(state_dict)
     config = infer_config(clip_sd)
+    expected = expected_torch_shapes(config)
   except ValueError as e:
     raise CheckpointError(str(e)) from None
-  _check_keys({k: np.shape(v) for k, v in clip_sd.items()}, expected_torch_shapes(config),
-              "the checkpoint")
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"cannot build the Flax CLIP for the inferred architecture "
+                          f"{dataclasses.asdict(config)} ({_brief(e)})") from None
+  _check_keys({k: np.shape(v) for k, v in clip_sd.items()}, expected, "the checkpoint")
   flat = {}
   for path, shape in expected_param_shapes(config).items():
     key, transform, part = _torch_source(path)
@@ -368,7 +380,9 @@ def file_sha256(path) -> str:
 def conversion_metadata(source, source_kind: str, report: ConversionReport) -> dict[str, Any]:
   """Provenance for conversion.json: source, kind, sha256, extras, versions, date."""
   import flax  # pylint: disable=g-import-not-at-top
-  versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__}
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  versions = {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__,
+              "orbax-checkpoint": getattr(ocp, "__version__", "unknown")}
   if "torch" in sys.modules:
     versions["torch"] = sys.modules["torch"].__version__
   return {
@@ -489,7 +503,9 @@ def verify_against_torch(config: CLIPConfig, clip_state_dict: Mapping[str, np.nd
     ref_text = model.encode_text(torch.from_numpy(text).long()).numpy()
   flax_model = clip_lib.CLIP(config)
   variables = {"params": params}
-  out_image = jax.jit(lambda v, x: flax_model.apply(v, x, method="encode_image"))(variables, images)
-  out_text = jax.jit(lambda v, t: flax_model.apply(v, t, method="encode_text"))(variables, text)
+  # Full float32 matmuls: on GPUs, XLA's default would use TF32 and differ by ~1e-3.
+  with jax.default_matmul_precision("highest"):
+    out_image = jax.jit(functools.partial(flax_model.apply, method="encode_image"))(variables, images)
+    out_text = jax.jit(functools.partial(flax_model.apply, method="encode_text"))(variables, text)
   return {"image": float(np.max(np.abs(np.asarray(out_image) - ref_image))),
           "text": float(np.max(np.abs(np.asarray(out_text) - ref_text)))}
