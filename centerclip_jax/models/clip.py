@@ -343,7 +343,7 @@ def init_params(config: CLIPConfig, rng, dtype=jnp.float32):
   model = CLIP(config, dtype)
   res = config.image_resolution
   images = jnp.zeros((1, res, res, 3), jnp.float32)
-  text = jnp.zeros((1, 8), jnp.int32)
+  text = jnp.zeros((1, min(8, config.context_length)), jnp.int32)
 
   def init(rng):
     return model.init(rng, images, text)["params"]
