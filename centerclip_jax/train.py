@@ -10,7 +10,6 @@ and `results.json` to the workdir.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from centerclip_jax.models import porting
+from centerclip_jax.models import reference
 from centerclip_jax.models.clip import CLIPConfig
 
 # Small but complete: 2 heads per tower, 2 blocks each, 4x4 patches grid.
@@ -34,7 +34,7 @@ def reference_model(config: CLIPConfig, seed: int = 0) -> torch.nn.Module:
   Besides `initialize_parameters`, LayerNorm scales/biases and all Linear/attention biases
   (zeros or ones at init) are perturbed, and logit_scale is moved off its default.
   """
-  ref = porting.reference_clip_module()
+  ref = reference.reference_clip_module()
   with torch.random.fork_rng():
     torch.manual_seed(seed)
     model = ref.CLIP(**dataclasses.asdict(config)).eval()
@@ -54,7 +54,7 @@ def round_to_fp16_(model: torch.nn.Module) -> list[str]:
   The model stays float32 (it is the fp32 reference for an fp16 archive); the names are
   those that `clip.model.convert_weights` turns to fp16.
   """
-  porting.reference_clip_module().convert_weights(model)
+  reference.reference_clip_module().convert_weights(model)
   names = [k for k, v in model.state_dict().items() if v.dtype == torch.float16]
   model.float()
   return names

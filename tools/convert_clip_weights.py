@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from centerclip_jax.models import porting  # pylint: disable=g-import-not-at-top
+from centerclip_jax.models import reference  # pylint: disable=g-import-not-at-top
 
 VERIFY_TOLERANCE = 1e-4
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
   log.info("wrote %s in %.1f s (peak RSS %.0f MiB)", out, time.perf_counter() - start, peak_mib)
   if args.verify:
     try:
-      diffs = porting.verify_against_torch(config, clip_state, params)
+      diffs = reference.verify_against_torch(config, clip_state, params)
     except ImportError as e:
       log.error("cannot verify: %s", e)
       return 4

@@ -15,7 +15,7 @@ key (the optimiser's `coef_lr` group).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax
 import jax

@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -75,35 +74,13 @@ def _brief(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def _import_torch():
+def import_torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError("reading PyTorch checkpoints needs torch: pip install -r "
                       "requirements-dev.txt (CPU torch==2.13.0)") from None
   return torch
-
-
-def reference_clip_module():
-  """clip-anytorch's `clip/model.py` (the reference PyTorch CLIP), loaded on its own.
-
-  `import clip.model` would run `clip/__init__.py`, which needs torchvision and
-  pkg_resources; `model.py` itself needs only torch and numpy.
-  """
-  name = "_centerclip_reference_clip_model"
-  if name not in sys.modules:
-    spec = importlib.util.find_spec("clip")
-    path = (Path(list(spec.submodule_search_locations)[0]) / "model.py"
-            if spec and spec.submodule_search_locations else None)
-    if path is None or not path.is_file():
-      raise ImportError("the reference PyTorch CLIP needs clip-anytorch: "
-                        "pip install --no-deps clip-anytorch==2.6.0")
-    _import_torch()
-    mspec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(module)
-    sys.modules[name] = module
-  return sys.modules[name]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -234,7 +211,7 @@ def read_torch_checkpoint(path) -> tuple[dict[str, np.ndarray], str]:
   if not path.is_file():
     raise CheckpointError(f"{path}: no such file")
   fmt = _sniff(path)
-  torch = _import_torch()
+  torch = import_torch()
   if fmt == "torchscript":
     try:
       obj = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -463,49 +440,3 @@ def load_converted(directory) -> tuple[CLIPConfig, dict, dict[str, np.ndarray]]:
   check_params(params, config, f"{directory}")
   extras = {k: np.asarray(v, np.float32) for k, v in dict(tree.get("extras") or {}).items()}
   return config, params, extras
-
-
-# ----------------------------------------------------------------------------- verification
-
-
-def random_inputs(config: CLIPConfig, num: int = 2, seed: int = 0, length: Optional[int] = None):
-  """Random images [num, res, res, 3] float32 and token ids [num, length] int32.
-
-  Each text is random ids, the EOT id (vocab_size - 1, the largest) at a random position,
-  then zero padding, as the CLIP tokenizer produces.
-  """
-  rng = np.random.default_rng(seed)
-  length = length or config.context_length
-  res = config.image_resolution
-  images = rng.standard_normal((num, res, res, 3)).astype(np.float32)
-  text = np.zeros((num, length), np.int32)
-  for i in range(num):
-    eot = int(rng.integers(1, length))
-    text[i, :eot] = rng.integers(1, config.vocab_size - 1, eot)
-    text[i, eot] = config.vocab_size - 1
-  return images, text
-
-
-def verify_against_torch(config: CLIPConfig, clip_state_dict: Mapping[str, np.ndarray], params,
-                         num: int = 2, seed: int = 0) -> dict[str, float]:
-  """Max abs difference of image and text features, reference PyTorch CLIP vs Flax (fp32).
-
-  The reference is `clip.model.CLIP` built from `config` and loaded (strictly) with the
-  float32 OpenAI-layout `clip_state_dict`; `build_model` is avoided since it rounds to fp16.
-  """
-  torch = _import_torch()
-  model = reference_clip_module().CLIP(**dataclasses.asdict(config)).eval()
-  model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
-                         for k, v in clip_state_dict.items()}, strict=True)
-  images, text = random_inputs(config, num, seed)
-  with torch.no_grad():
-    ref_image = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
-    ref_text = model.encode_text(torch.from_numpy(text).long()).numpy()
-  flax_model = clip_lib.CLIP(config)
-  variables = {"params": params}
-  # Full float32 matmuls: on GPUs, XLA's default would use TF32 and differ by ~1e-3.
-  with jax.default_matmul_precision("highest"):
-    out_image = jax.jit(functools.partial(flax_model.apply, method="encode_image"))(variables, images)
-    out_text = jax.jit(functools.partial(flax_model.apply, method="encode_text"))(variables, text)
-  return {"image": float(np.max(np.abs(np.asarray(out_image) - ref_image))),
-          "text": float(np.max(np.abs(np.asarray(out_text) - ref_text)))}
