@@ -34,14 +34,6 @@ from centerclip_jax.data import tokenizer as tokenizer_lib
 from centerclip_jax.data import video as video_lib
 from centerclip_jax.models import loading
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).")
-_VIDEOS = flags.DEFINE_multi_string("videos", [], "Video files or .npy frame arrays.")
-_CAPTIONS = flags.DEFINE_string("captions", None, "Text file, one caption per line.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .npz path.")
-_FPS = flags.DEFINE_float("fps", 3.0, "Frame rate videos are decoded at before sampling.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Videos / 32x captions per forward pass.")
-
-
 class InputError(ValueError):
   """A user input (video, frames file, captions file) that cannot be used."""
 
@@ -92,11 +84,29 @@ def _batched(n: int, size: int):
     yield start, min(start + size, n)
 
 
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
+def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
+  """[n, ...] -> [size, ...] (n <= size) by repeating the last row (a full static batch)."""
   if len(x) == size:
     return x
   pad = np.repeat(x[-1:], size - len(x), axis=0)
   return np.concatenate([x, pad], axis=0)
+
+
+def jit_encoders(model, mesh=None):
+  """jit-compiled (encode_video(params, frames, mask), encode_text(params, tokens)).
+
+  With a `mesh` (`parallel.make_mesh`), params are replicated and the batch is sharded
+  on its leading axis over the mesh's devices (pass `parallel.host_batch_to_global`
+  arrays); without one, everything runs on the default device.
+  """
+  video_fn = lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video)
+  text_fn = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
+  if mesh is None:
+    return jax.jit(video_fn), jax.jit(text_fn)
+  from centerclip_jax import parallel  # pylint: disable=g-import-not-at-top
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return (jax.jit(video_fn, in_shardings=(rep, shard, shard), out_shardings=shard),
+          jax.jit(text_fn, in_shardings=(rep, shard), out_shardings=shard))
 
 
 def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
@@ -113,22 +123,20 @@ def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
     clips.append(video_inputs(load_frames(path, fps=fps, resolution=res), max_frames, res))
   tokens = tokenizer_lib.get_tokenizer().tokenize(list(captions), config.model.max_words)
 
-  encode_video = jax.jit(lambda p, f, m: model.apply({"params": p}, f, m,
-                                                     method=model.encode_video))
-  encode_text = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_text))
+  encode_video, encode_text = jit_encoders(model)
 
   video_emb = np.zeros((len(clips), model.clip_config.embed_dim), np.float32)
   for start, end in tqdm.tqdm(list(_batched(len(clips), batch_size)), desc="encoding videos",
                               disable=not clips):
-    frames = _pad(np.stack([c[0] for c in clips[start:end]]), batch_size)
-    masks = _pad(np.stack([c[1] for c in clips[start:end]]), batch_size)
+    frames = pad_batch(np.stack([c[0] for c in clips[start:end]]), batch_size)
+    masks = pad_batch(np.stack([c[1] for c in clips[start:end]]), batch_size)
     out = encode_video(params, jnp.asarray(frames), jnp.asarray(masks))
     video_emb[start:end] = np.asarray(out)[:end - start]
 
   text_emb = np.zeros((len(tokens), model.clip_config.embed_dim), np.float32)
   text_batch = 32 * batch_size
   for start, end in _batched(len(tokens), text_batch):
-    out = encode_text(params, jnp.asarray(_pad(tokens[start:end], text_batch)))
+    out = encode_text(params, jnp.asarray(pad_batch(tokens[start:end], text_batch)))
     text_emb[start:end] = np.asarray(out)[:end - start]
 
   return {
@@ -140,24 +148,42 @@ def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
   }
 
 
-def main(argv):
+def define_flags() -> dict:
+  """The CLI's flags. Defined only when this module runs as a program, so that other
+  CLIs (e.g. `centerclip_jax.search`) can import its functions without flag clashes."""
+  return {
+      "config": config_flags.DEFINE_config_file("config", None,
+                                                "Config file (configs/<name>.py)."),
+      "videos": flags.DEFINE_multi_string("videos", [], "Video files or .npy frame arrays."),
+      "captions": flags.DEFINE_string("captions", None, "Text file, one caption per line."),
+      "output": flags.DEFINE_string("output", None, "Output .npz path."),
+      "fps": flags.DEFINE_float("fps", 3.0, "Frame rate videos are decoded at before sampling."),
+      "batch_size": flags.DEFINE_integer("batch_size", 8,
+                                         "Videos / 32x captions per forward pass."),
+  }
+
+
+def main(argv, cli_flags: dict):
+  """`cli_flags`: the holders from `define_flags()`."""
+  config, videos, captions_file, output, fps, batch_size = (
+      cli_flags[k].value for k in ("config", "videos", "captions", "output", "fps",
+                                   "batch_size"))
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  if config is None:
     raise app.UsageError("--config is required (e.g. --config configs/msrvtt.py)")
-  if _OUTPUT.value is None:
+  if output is None:
     raise app.UsageError("--output OUT.npz is required")
-  if not _VIDEOS.value and not _CAPTIONS.value:
+  if not videos and not captions_file:
     raise app.UsageError("give --videos and/or --captions")
   try:
-    captions = read_captions(_CAPTIONS.value) if _CAPTIONS.value else []
-    result = encode(_CONFIG.value, _VIDEOS.value, captions, fps=_FPS.value,
-                    batch_size=_BATCH.value)
+    captions = read_captions(captions_file) if captions_file else []
+    result = encode(config, videos, captions, fps=fps, batch_size=batch_size)
   except (InputError, ValueError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  out = pathlib.Path(_OUTPUT.value)
+  out = pathlib.Path(output)
   out.parent.mkdir(parents=True, exist_ok=True)
   np.savez(out, **result)
   logging.info("wrote %d video and %d text embeddings to %s",
@@ -167,4 +193,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli_flags = define_flags()
+  app.run(lambda argv: main(argv, _cli_flags))

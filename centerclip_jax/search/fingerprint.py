@@ -1,0 +1,84 @@
+"""Model fingerprint of a search index: which embeddings may share one index.
+
+`model_fingerprint(config, fps)` hashes `config.model`, the identity of the checkpoint
+`loading.load_model(config)` loads (`checkpoint_identity`) and the frame rate videos are
+decoded at: embeddings with the same fingerprint are comparable, others are not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from centerclip_jax.models import loading
+
+_FULL_HASH_BYTES = 4 << 20   # checkpoint files up to this size are hashed whole
+_SAMPLE_BLOCK = 64 << 10     # larger ones: this many bytes at each of _SAMPLES offsets
+_SAMPLES = 16
+
+
+def _file_digest(h, path: pathlib.Path) -> None:
+  """Adds a file's size and content to `h`: whole if small, else sampled blocks."""
+  size = path.stat().st_size
+  h.update(f"{size}:".encode())
+  with open(path, "rb") as f:
+    if size <= _FULL_HASH_BYTES:
+      h.update(f.read())
+      return
+    for i in range(_SAMPLES):
+      f.seek((size - _SAMPLE_BLOCK) * i // (_SAMPLES - 1))
+      h.update(f.read(_SAMPLE_BLOCK))
+
+
+def checkpoint_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What identifies the weights `loading.load_model(config)` loads.
+
+  Converted CLIP checkpoint: a digest of every file of it; training workdir: the latest
+  step and a digest of its files (the step `load_model` restores); no `init_from`: the
+  random-init seed. Digests hash each file's relative path and size, and its content
+  (files over 4 MiB: 16 blocks of 64 KiB spread over the file), so that a copied or moved
+  checkpoint keeps its identity and a re-trained or re-converted one does not.
+  """
+  if not config.init_from:
+    return {"kind": "random", "seed": int(config.seed)}
+  path = loading.resolve_path(config.init_from, "init_from")
+  ident: dict[str, Any] = {"kind": "converted"}
+  files_root = path
+  if (path / "checkpoints").is_dir():
+    steps = [int(d) for d in os.listdir(path / "checkpoints") if d.isdigit()]
+    if not steps:
+      raise ValueError(f"config.init_from: {path}/checkpoints has no checkpoint step yet")
+    ident = {"kind": "trained", "step": max(steps)}
+    files_root = path / "checkpoints" / str(max(steps))
+  h = hashlib.sha256()
+  for f in sorted(p for p in files_root.rglob("*") if p.is_file()):
+    h.update(f.relative_to(files_root).as_posix().encode() + b"\0")
+    _file_digest(h, f)
+  ident["digest"] = h.hexdigest()
+  return ident
+
+
+def model_fingerprint(config: ml_collections.ConfigDict, fps: float) -> tuple[str, dict]:
+  """(fingerprint, its parts): hash of `config.model`, the checkpoint identity and fps."""
+  model_json = json.dumps(config.model.to_dict(), sort_keys=True)
+  parts = {"model_config_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
+           "checkpoint": checkpoint_identity(config), "fps": float(fps)}
+  digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+  return digest, parts
+
+
+def mismatch_reason(old: dict, new: dict) -> str:
+  why = []
+  if old.get("model_config_sha256") != new["model_config_sha256"]:
+    why.append("config.model differs")
+  if old.get("checkpoint") != new["checkpoint"]:
+    why.append(f"the checkpoint differs (index: {old.get('checkpoint')}, "
+               f"now: {new['checkpoint']})")
+  if old.get("fps") != new["fps"]:
+    why.append(f"fps differs (index: {old.get('fps')}, now: {new['fps']})")
+  return "; ".join(why) or "unknown difference"
