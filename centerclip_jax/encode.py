@@ -23,7 +23,6 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
@@ -32,6 +31,7 @@ import tqdm
 from centerclip_jax import config as config_lib
 from centerclip_jax.data import tokenizer as tokenizer_lib
 from centerclip_jax.data import video as video_lib
+from centerclip_jax.models import centerclip
 from centerclip_jax.models import loading
 
 class InputError(ValueError):
@@ -92,23 +92,6 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([x, pad], axis=0)
 
 
-def jit_encoders(model, mesh=None):
-  """jit-compiled (encode_video(params, frames, mask), encode_text(params, tokens)).
-
-  With a `mesh` (`parallel.make_mesh`), params are replicated and the batch is sharded
-  on its leading axis over the mesh's devices (pass `parallel.host_batch_to_global`
-  arrays); without one, everything runs on the default device.
-  """
-  video_fn = lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video)
-  text_fn = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
-  if mesh is None:
-    return jax.jit(video_fn), jax.jit(text_fn)
-  from centerclip_jax import parallel  # pylint: disable=g-import-not-at-top
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return (jax.jit(video_fn, in_shardings=(rep, shard, shard), out_shardings=shard),
-          jax.jit(text_fn, in_shardings=(rep, shard), out_shardings=shard))
-
-
 def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
            fps: float = 3.0, batch_size: int = 8):
   """Returns the dict written to the output `.npz`."""
@@ -123,7 +106,7 @@ def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
     clips.append(video_inputs(load_frames(path, fps=fps, resolution=res), max_frames, res))
   tokens = tokenizer_lib.get_tokenizer().tokenize(list(captions), config.model.max_words)
 
-  encode_video, encode_text = jit_encoders(model)
+  encode_video, encode_text = centerclip.jit_encoders(model)
 
   video_emb = np.zeros((len(clips), model.clip_config.embed_dim), np.float32)
   for start, end in tqdm.tqdm(list(_batched(len(clips), batch_size)), desc="encoding videos",

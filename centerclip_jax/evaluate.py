@@ -19,19 +19,7 @@ import tqdm
 from centerclip_jax import metrics as metrics_lib
 from centerclip_jax import parallel
 from centerclip_jax.data import pipeline
-
-
-def make_encoders(model, mesh):
-  """jit-compiled (encode_video, encode_text) over the mesh: params replicated, batch sharded."""
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-
-  encode_video = jax.jit(
-      lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video),
-      in_shardings=(rep, shard, shard), out_shardings=shard)
-  encode_text = jax.jit(
-      lambda p, t: model.apply({"params": p}, t, method=model.encode_text),
-      in_shardings=(rep, shard), out_shardings=shard)
-  return encode_video, encode_text
+from centerclip_jax.models import centerclip
 
 
 def _collect(stream, fn, keys, mesh, total: int, desc: str, show: bool):
@@ -60,7 +48,7 @@ def embed_split(model, params, builder, split: str, config, mesh) -> dict[str, A
       builder, split, batch_size=per_host, max_frames=model.max_frames,
       max_words=config.model.max_words, resolution=res,
       process_index=jax.process_index(), process_count=jax.process_count())
-  encode_video, encode_text = make_encoders(model, mesh)
+  encode_video, encode_text = centerclip.jit_encoders(model, mesh)
   show = jax.process_index() == 0
   num_videos = data.num_videos
   video_fn = lambda f, m: encode_video(params, f, m)

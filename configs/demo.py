@@ -29,7 +29,7 @@ def get_config(arg: str = "centerclip"):
   c.model.cluster_num_blocks = (16, 8, 8)
   c.model.cluster_inter = 1 if arg == "centerclip" else 0
   c.train.global_batch_size = 64
-  c.train.num_epochs = 25
+  c.train.num_epochs = 10
   c.train.lr = 1e-3
   c.train.coef_lr = 1.0           # random init: every parameter is new
   c.train.weight_decay = 0.01

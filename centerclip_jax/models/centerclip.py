@@ -149,6 +149,23 @@ def build_model(model_cfg: ml_collections.ConfigDict,
       remat=bool(model_cfg.remat))
 
 
+def jit_encoders(model, mesh=None):
+  """jit-compiled (encode_video(params, frames, mask), encode_text(params, tokens)).
+
+  With a `mesh` (`parallel.make_mesh`), params are replicated and the batch is sharded
+  on its leading axis over the mesh's devices (pass `parallel.host_batch_to_global`
+  arrays); without one, everything runs on the default device.
+  """
+  video_fn = lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video)
+  text_fn = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
+  if mesh is None:
+    return jax.jit(video_fn), jax.jit(text_fn)
+  from centerclip_jax import parallel  # pylint: disable=g-import-not-at-top
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return (jax.jit(video_fn, in_shardings=(rep, shard, shard), out_shardings=shard),
+          jax.jit(text_fn, in_shardings=(rep, shard), out_shardings=shard))
+
+
 def dummy_inputs(model: CenterCLIP, batch: int = 1, words: int = 8):
   res = model.clip_config.image_resolution
   return (jnp.zeros((batch, model.max_frames, res, res, 3), jnp.float32),
