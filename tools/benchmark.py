@@ -10,8 +10,8 @@ spectral clustering (K = 49 for B/32, 160 for B/16), all measured in one run:
   embedding) over repeats after compilation, divided by the batch size;
 - speedup: baseline ms_per_video / this ms_per_video;
 - ideal_speedup: baseline FLOPs / these FLOPs, from XLA's cost analysis of the same programs;
-- cluster_share: time of the clustering step(s) alone (jit-compiled on the same inputs)
-  over the tower's time;
+- cluster_share: time of the clustering step(s) alone, jit-compiled and run on the very
+  tokens the tower feeds them, over the tower's time;
 - train_memory_bytes: peak memory of one compiled training step (global batch 32,
   symmetric InfoNCE + AdamW), from XLA's memory analysis (compiled, not run), in float32
   and bfloat16; train_memory_ratio: over the baseline's of the same dtype.
@@ -46,12 +46,12 @@ from centerclip_jax.models import clip as clip_lib
 KEEP = {"ViT-B/32": 49, "ViT-B/16": 160}
 
 
-def variants(arch: str):
+def variants(arch: str, quick: bool = False):
   """(name, model-config overrides) pairs: baseline and the paper's settings."""
   k = KEEP[arch]
   out = [("baseline", {"cluster_inter": 0})]
   for algo in ("kmedoids++", "spectral"):
-    for segs in (4, 3):
+    for segs in ((4,) if quick else (4, 3)):
       out.append((f"{algo} B6-{segs},{k}", {
           "cluster_inter": 1, "cluster_algo": algo,
           "target_frames_blocks": (12,) * 6 + (segs,) * 6,
@@ -78,30 +78,40 @@ def time_fn(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def flops(fn, args) -> float:
-  cost = fn.lower(*args).compile().cost_analysis()
+def flops(compiled) -> float:
+  """FLOPs of a compiled program, from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def cluster_time(model, frames_shape, params, repeats: int) -> float:
-  """Seconds spent in the clustering step(s) alone, on tokens of the right shape."""
-  if not model.steps:
-    return 0.0
-  batch, num_frames = frames_shape[:2]
-  width = model.clip_config.vision_width
-  n = model.clip_config.num_patches
+def step_inputs(model, params, frames, mask):
+  """The real tokens `(x, frame_mask)` entering each clustering step of `model`."""
+
+  def run(module, frames, mask):
+    visual = module.clip.visual
+    batch, num_frames = frames.shape[:2]
+    x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
+    steps = {s.block: s for s in module.steps}
+    inputs = []
+    for b in range(module.clip_config.vision_layers):
+      if b in steps:
+        inputs.append((x, mask))
+        x, mask = segments_lib.cluster_step(x, mask, steps[b], module.settings)
+      x = visual.block(b, x)
+    return inputs
+
+  return jax.jit(lambda p, f, m: model.apply({"params": p}, f, m, method=run))(
+      params, frames, mask)
+
+
+def cluster_time(model, params, frames, mask, repeats: int) -> float:
+  """Seconds spent in the clustering step(s) alone, on the tokens the model feeds them."""
   total = 0.0
-  rng = np.random.default_rng(0)
-  tokens = 1 + n
-  for step in model.steps:
-    x = jnp.asarray(rng.standard_normal((batch * step.frames_before, tokens, width)),
-                    jnp.float32)
-    mask = jnp.ones((batch, step.frames_before), bool)
+  for step, (x, m) in zip(model.steps, step_inputs(model, params, frames, mask)):
     fn = jax.jit(lambda x, m, step=step: segments_lib.cluster_step(x, m, step, model.settings))
-    total += time_fn(fn, (x, mask), repeats)
-    tokens = 1 + step.k
+    total += time_fn(fn, (x, m), repeats)
   return total
 
 
@@ -140,14 +150,14 @@ def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
     frames = jnp.asarray(rng.standard_normal((batch, 12, 224, 224, 3)), jnp.float32)
     mask = jnp.ones((batch, 12), bool)
     base = {}
-    for name, overrides in variants(arch):
+    for name, overrides in variants(arch, quick):
       model = build(arch, overrides, "float32")
       params = centerclip.init_params(model, jax.random.PRNGKey(0), params_clip)
       fn = jax.jit(lambda p, f, m, model=model: model.apply(
-          {"params": p}, f, m, method=model.encode_video))
+          {"params": p}, f, m, method=model.encode_video)).lower(params, frames, mask).compile()
       seconds = time_fn(fn, (params, frames, mask), repeats)
-      fl = flops(fn, (params, frames, mask))
-      share = cluster_time(model, frames.shape, params, repeats) / seconds
+      fl = flops(fn)
+      share = cluster_time(model, params, frames, mask, repeats) / seconds
       for dtype in dtypes:
         mem_model = build(arch, overrides, dtype)
         mem = train_memory(mem_model, train_batch)
@@ -190,24 +200,28 @@ def print_row(row):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true",
-                      help="fewer repeats and a smaller timing batch (< 5 min on 2 CPU cores)")
-  parser.add_argument("--archs", default="ViT-B/32,ViT-B/16")
+                      help="ViT-B/32, B6-4 only, float32 memory, batch 2 (< 5 min on 2 CPU cores)")
+  parser.add_argument("--archs", default=None, help="default: ViT-B/32,ViT-B/16 "
+                      "(ViT-B/32 with --quick)")
   parser.add_argument("--batch", type=int, default=None, help="videos per timed call")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--train_batch", type=int, default=32)
-  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--dtypes", default=None,
+                      help="train-memory dtypes; default float32,bfloat16 (float32 with --quick)")
   parser.add_argument("--json", default=None, help="write the rows to this JSON file")
   args = parser.parse_args()
-  archs = [a for a in args.archs.split(",") if a]
+  archs = [a for a in (args.archs or ("ViT-B/32" if args.quick else "ViT-B/32,ViT-B/16"))
+           .split(",") if a]
+  dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")
   for a in archs:
     if a not in KEEP:
       parser.error(f"--archs: {a!r} is not one of {sorted(KEEP)}")
-  batch = args.batch or (1 if args.quick else 4)
-  repeats = args.repeats or (2 if args.quick else 5)
+  batch = args.batch or (2 if args.quick else 4)
+  repeats = args.repeats or (3 if args.quick else 5)
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; batch {batch}, "
         f"repeats {repeats}, train batch {args.train_batch}")
   print(HEADER)
-  rows = run(archs, args.quick, batch, repeats, args.train_batch, args.dtypes.split(","))
+  rows = run(archs, args.quick, batch, repeats, args.train_batch, dtypes)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.json}")
