@@ -91,6 +91,21 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def dataset_config(dataset: str, train_split: str, val_split: str, eval_split: str, *,
+                   max_frames: int = 12, max_words: int = 32) -> ml_collections.ConfigDict:
+  """`base_config()` for one dataset; long videos (> 12 frames) cluster into 4-frame
+  segments after block 6 and use a smaller eval batch."""
+  c = base_config()
+  c.dataset = dataset
+  c.train_split, c.val_split, c.eval_split = train_split, val_split, eval_split
+  if max_frames != 12:
+    c.model = model_config(max_frames=max_frames)
+    c.model.target_frames_blocks = (max_frames,) * 6 + (max_frames // 4,) * 6
+    c.eval.batch_size = 16
+  c.model.max_words = max_words
+  return c
+
+
 def _fail(field: str, msg: str):
   raise ValueError(f"config.{field}: {msg}")
 

@@ -4,9 +4,4 @@ from centerclip_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.dataset = "lsmdc"
-  c.train_split = "train"
-  c.val_split = "val"
-  c.eval_split = "test"
-  return c
+  return config_lib.dataset_config("lsmdc", "train", "val", "test")

@@ -14,11 +14,7 @@ from centerclip_jax import config as config_lib
 def get_config(arg: str = "train_9k"):
   if arg not in ("train_9k", "train_7k"):
     raise ValueError(f"configs/msrvtt.py: argument must be train_9k or train_7k, got {arg!r}")
-  c = config_lib.base_config()
-  c.dataset = "msrvtt"
-  c.train_split = arg
-  c.val_split = ""
-  c.eval_split = "test_1k"
+  c = config_lib.dataset_config("msrvtt", arg, "", "test_1k")
   c.train.lr = 5e-3        # authors' MSR-VTT script: lr 5e-3, coef_lr 1e-3 (CLIP at 5e-6)
   c.train.coef_lr = 1e-3
   return c
