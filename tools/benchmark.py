@@ -7,7 +7,9 @@ CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ 
 spectral clustering (K = 49 for B/32, 160 for B/16), all measured in one run:
 
 - ms_per_video: median wall time of the jit-compiled video tower (frames -> meanP
-  embedding) over repeats after compilation, divided by the batch size;
+  embedding) over repeats after compilation, divided by the batch size; the variants are
+  timed round-robin (baseline, variant 1, ..., baseline, ...) so that the drift of a
+  shared machine hits them alike;
 - speedup: baseline ms_per_video / this ms_per_video;
 - ideal_speedup: baseline FLOPs / these FLOPs, from XLA's cost analysis of the same programs;
 - cluster_share: time of the clustering step(s) alone, jit-compiled and run on the very
@@ -142,6 +144,8 @@ def train_memory(model, global_batch: int, words: int = 32) -> int:
 
 
 def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
+  """Compiles every variant, then times them round-robin so that drift of a noisy
+  machine hits all variants alike; speed-ups are ratios within this one run."""
   rows = []
   for arch in archs:
     cfg = clip_lib.get_preset(arch)
@@ -149,31 +153,38 @@ def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
     rng = np.random.default_rng(0)
     frames = jnp.asarray(rng.standard_normal((batch, 12, 224, 224, 3)), jnp.float32)
     mask = jnp.ones((batch, 12), bool)
-    base = {}
+    entries = []
     for name, overrides in variants(arch, quick):
       model = build(arch, overrides, "float32")
       params = centerclip.init_params(model, jax.random.PRNGKey(0), params_clip)
       fn = jax.jit(lambda p, f, m, model=model: model.apply(
           {"params": p}, f, m, method=model.encode_video)).lower(params, frames, mask).compile()
-      seconds = time_fn(fn, (params, frames, mask), repeats)
-      fl = flops(fn)
-      share = cluster_time(model, params, frames, mask, repeats) / seconds
+      jax.block_until_ready(fn(params, frames, mask))  # warm-up
+      entries.append({"name": name, "overrides": overrides, "model": model, "params": params,
+                      "fn": fn, "flops": flops(fn), "times": []})
+    for _ in range(repeats):
+      for e in entries:
+        tic = time.perf_counter()
+        jax.block_until_ready(e["fn"](e["params"], frames, mask))
+        e["times"].append(time.perf_counter() - tic)
+    base = entries[0]
+    base_seconds = statistics.median(base["times"])
+    base_mem = {}
+    for e in entries:
+      seconds = statistics.median(e["times"])
+      share = cluster_time(e["model"], e["params"], frames, mask, repeats) / seconds
       for dtype in dtypes:
-        mem_model = build(arch, overrides, dtype)
-        mem = train_memory(mem_model, train_batch)
-        if name == "baseline":
-          base[dtype] = mem
-        if dtype == "float32" and name == "baseline":
-          base["seconds"], base["flops"] = seconds, fl
+        mem = train_memory(build(arch, e["overrides"], dtype), train_batch)
+        base_mem.setdefault(dtype, mem)
         timed = dtype == "float32"  # speed is measured in float32 only
-        row = {"arch": arch, "config": name, "dtype": dtype,
+        row = {"arch": arch, "config": e["name"], "dtype": dtype,
                "ms_per_video": 1e3 * seconds / batch if timed else None,
-               "speedup": base["seconds"] / seconds if timed else None,
-               "ideal_speedup": base["flops"] / fl if timed else None,
-               "gflops_per_video": fl / batch / 1e9 if timed else None,
+               "speedup": base_seconds / seconds if timed else None,
+               "ideal_speedup": base["flops"] / e["flops"] if timed else None,
+               "gflops_per_video": e["flops"] / batch / 1e9 if timed else None,
                "cluster_share": share if timed else None,
                "train_memory_bytes": mem,
-               "train_memory_ratio": mem / base[dtype]}
+               "train_memory_ratio": mem / base_mem[dtype]}
         rows.append(row)
         print_row(row)
   return rows
