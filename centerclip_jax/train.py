@@ -130,13 +130,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                 "no validation split: model selection on the "
                                                 "eval split, as the original code does")}
 
+  eval_results = None
   if config.mode in ("train", "train_and_eval"):
-    params, train_info = _train(config, workdir_path, builder, model, params, mesh, writer, res,
-                                select_split)
+    params, train_info, eval_results = _train(config, workdir_path, builder, model, params,
+                                              mesh, writer, res, select_split)
     results.update(train_info)
   if config.mode in ("eval", "train_and_eval"):
-    eval_results = evaluate_lib.evaluate_split(model, params, builder, config.eval_split,
-                                               config, mesh)
+    if eval_results is None:
+      eval_results = evaluate_lib.evaluate_split(model, params, builder, config.eval_split,
+                                                 config, mesh)
+    else:
+      logging.info("the final step is the best on %s, the eval split: reusing its metrics",
+                   config.eval_split)
     writer.write_scalars(int(results.get("train_steps", 0)), _flat(eval_results, "test"))
     results["eval_split"] = config.eval_split
     results["metrics"] = eval_results
@@ -152,7 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config, workdir, builder, model, params, mesh, writer, res, select_split):
-  """The training loop; returns (final params, info for results.json)."""
+  """The training loop; returns (final params, info for results.json, and the metrics of
+  the final params on the eval split when the selection eval already computed them)."""
   t = config.train
   parallel.check_batch_divisible(t.global_batch_size, mesh)
   total_steps, steps_per_epoch = _num_train_steps(config, builder)
@@ -189,7 +195,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   micro_step = int(data_position["step"])
   last_log, compile_done = time.time(), False
   step_times = []
-  best = {"step": None, "value": -1.0}
+  last_selection = None
   accum = t.grad_accum_steps
   for step in range(start_step, total_steps):
     for _ in range(accum):
@@ -219,11 +225,10 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
     eval_metrics = None
     if do_eval and (config.mode == "train_and_eval" or config.val_split):
       sel = evaluate_lib.evaluate_split(model, state["params"], builder, select_split, config, mesh)
+      last_selection = sel
       writer.write_scalars(step + 1, _flat(sel, "val"))
       value = sel[SELECTION_METRIC[0]][SELECTION_METRIC[1]]
       eval_metrics = {"/".join(SELECTION_METRIC): value}
-      if value > best["value"]:
-        best = {"step": step + 1, "value": value}
       logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset, select_split, value)
     if (do_eval or (step + 1) % t.checkpoint_every_steps == 0 or is_preempted()
         or step + 1 == total_steps):
@@ -235,14 +240,17 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       raise SystemExit(143)
   ckpt.wait()
   final = state["params"]
-  if best["step"] is not None and best["step"] != total_steps:
-    best_step = ckpt.best_step()
-    if best_step is not None:
-      logging.info("restoring the best checkpoint (step %d) for the final eval", best_step)
-      final = ckpt.restore(best_step, state)[1]["params"]
+  best_step = ckpt.best_step()  # over every checkpoint of the run, before a resume too
+  if best_step is not None and best_step != total_steps:
+    logging.info("restoring the best checkpoint (step %d) for the final eval", best_step)
+    final = ckpt.restore(best_step, state)[1]["params"]
+  best_metrics = (ckpt.metrics(best_step) or {}) if best_step is not None else {}
   ckpt.close()
   info = {"train_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-          "best_step": best["step"], "best_selection_R@1": best["value"],
+          "best_step": best_step,
+          "best_selection_R@1": best_metrics.get("/".join(SELECTION_METRIC)),
           "median_step_time_s": float(np.median(step_times)) if step_times else None,
           "global_batch_size": t.global_batch_size}
-  return final, info
+  reuse = (last_selection if best_step == total_steps and select_split == config.eval_split
+           else None)
+  return final, info, reuse

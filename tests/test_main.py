@@ -24,7 +24,10 @@ def tiny_args(tmp, workdir):
   return ["--config", str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
           "--config.dataset=synthetic_video_text/tiny", f"--config.data_dir={tmp / 'tfds'}",
           "--config.train.num_train_steps=6", "--config.train.global_batch_size=8",
-          "--config.train.log_every_steps=2", "--config.eval.batch_size=4"]
+          "--config.train.log_every_steps=2", "--config.eval.batch_size=4",
+          # Select on the test split (as MSR-VTT does): the final eval reuses the
+          # selection eval, which the eval-only test below checks against a fresh eval.
+          "--config.val_split="]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +49,7 @@ def test_train_and_eval_writes_everything(trained):
     assert 1 <= m["MdR"] <= 8 and 1 <= m["MnR"] <= 8   # 8 test videos in the tiny split
   assert "text_to_video_dsl" in results["metrics"]
   assert results["train_steps"] == 6 and results["wall_time_s"] > 0
+  assert results["selection_split"] == "test" and "no validation split" in results["selection_note"]
   assert results["config"]["model"]["cluster_inter"] == 1
   assert "text_to_video" in proc.stdout and "R@1" in proc.stdout   # the printed table
   assert list(workdir.glob("events.out.tfevents*")), "no TensorBoard event file"
