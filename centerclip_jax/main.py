@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from centerclip_jax import train
+from centerclip_jax.training import trainer as train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<name>.py).",
                                           lock_config=True)

@@ -213,3 +213,22 @@ def global_to_host(tree: PyTree) -> PyTree:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(gather, tree)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def jit_encoders(model, mesh=None):
+  """jit-compiled (encode_video(params, frames, mask), encode_text(params, tokens)).
+
+  With a `mesh` (`make_mesh`), params are replicated and the batch is sharded
+  on its leading axis over the mesh's devices (pass `host_batch_to_global`
+  arrays); without one, everything runs on the default device.
+  """
+  video_fn = lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video)
+  text_fn = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
+  if mesh is None:
+    return jax.jit(video_fn), jax.jit(text_fn)
+  rep, shard = replicated(mesh), batch_sharding(mesh)
+  return (jax.jit(video_fn, in_shardings=(rep, shard, shard), out_shardings=shard),
+          jax.jit(text_fn, in_shardings=(rep, shard), out_shardings=shard))

@@ -1,4 +1,4 @@
-"""Shared pytest setup: quiet TensorFlow, find shared/."""
+"""Shared pytest setup: quiet TensorFlow; the public annotation files the tests read."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def shared_dir() -> pathlib.Path:
-  """The read-only shared/ folder beside the repo (override: CENTERCLIP_SHARED)."""
-  env = os.environ.get("CENTERCLIP_SHARED")
-  return pathlib.Path(env) if env else REPO.parent / "shared"
+# Public dataset annotations kept in the repository (MSR-VTT's JSFusion test csv and the
+# LSMDC16 public-test captions, 1,000 rows each), so a plain clone runs every test.
+TEST_DATA = REPO / "tests" / "data"
 
 
 @pytest.fixture(scope="session")
-def shared() -> pathlib.Path:
-  path = shared_dir()
-  if not (path / "data").is_dir():
-    raise FileNotFoundError(
-        f"shared data folder not found at {path}; set CENTERCLIP_SHARED to its location")
-  return path
+def test_data() -> pathlib.Path:
+  return TEST_DATA

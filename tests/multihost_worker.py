@@ -104,7 +104,7 @@ def init_params(seed=0):
 
 
 def make_optimizer(params, total_steps, grad_accum_steps=1):
-  from centerclip_jax import optim
+  from centerclip_jax.training import optim
   return optim.make_optimizer(params, lr=1e-3, coef_lr=0.5, total_steps=total_steps,
                               warmup_proportion=0.0, weight_decay=0.2, clip_norm=1.0,
                               grad_accum_steps=grad_accum_steps)
@@ -119,7 +119,7 @@ def make_train_step(tx, mesh):
   import jax
   import jax.numpy as jnp
   import optax
-  from centerclip_jax import losses, parallel
+  from centerclip_jax.training import losses, parallel
   from centerclip_jax.models import clip as clip_lib
 
   model = clip_lib.CLIP(tiny_config())
@@ -201,7 +201,8 @@ def run_parity(args):
 
 def run_resume(args):
   import jax
-  from centerclip_jax import checkpoints, parallel
+  from centerclip_jax import parallel
+  from centerclip_jax.training import checkpoints
   n_examples, batch_size, accum = 24, 8, 2
   data = make_dataset(n_examples, seed=1)
   mesh = parallel.make_mesh()

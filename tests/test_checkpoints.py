@@ -1,4 +1,4 @@
-"""Tests for centerclip_jax.checkpoints: round trip, retention (last N + best), params-only
+"""Tests for centerclip_jax.training.checkpoints: round trip, retention (last N + best), params-only
 load, the SIGTERM flag, and an exact kill-and-resume of a small training run."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from centerclip_jax import checkpoints, optim
+from centerclip_jax.training import checkpoints, optim
+from centerclip_jax.weights import resolver
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -126,12 +127,12 @@ def test_load_params_only(tmp_path):
     c.save(1, _state(5), data_position={}, rng=None)
     c.save(4, state, data_position={}, rng=None)
     path1 = c.step_path(1)
-  params = checkpoints.load_params_only(tmp_path, state["params"])  # Workdir: latest step.
+  params = resolver.load_params_only(tmp_path, state["params"])  # Workdir: latest step.
   _assert_trees_equal(params, state["params"])
-  params = checkpoints.load_params_only(path1, checkpoints.abstract_tree(state["params"]))
+  params = resolver.load_params_only(path1, checkpoints.abstract_tree(state["params"]))
   _assert_trees_equal(params, _state(5)["params"])
   with pytest.raises(ValueError, match="no checkpoint"):
-    checkpoints.load_params_only(tmp_path / "nothing", state["params"])
+    resolver.load_params_only(tmp_path / "nothing", state["params"])
 
 
 def test_preemption_handler_sets_flag():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.models import porting
+from centerclip_jax.weights import porting
 from tests import torch_checkpoints as tc
 
 ARCHS = ("ViT-B/32", "ViT-B/16")

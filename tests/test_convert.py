@@ -17,8 +17,8 @@ import torch
 from flax import traverse_util
 
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.models import porting
-from centerclip_jax.models.porting import CheckpointError
+from centerclip_jax.weights import porting
+from centerclip_jax.weights.porting import CheckpointError
 from tests import torch_checkpoints as tc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -193,8 +193,8 @@ def test_msvd_refuses_malicious_pickle(tmp_path):
     msvd.read_raw_captions(file)
 
 
-def test_real_jsfusion_test_csv(shared):
-  file = shared / "data" / "msrvtt_jsfusion_test.csv"
+def test_real_jsfusion_test_csv(test_data):
+  file = test_data / "msrvtt_jsfusion_test.csv"
   pairs = msrvtt.read_jsfusion(file)
   assert len(pairs) == 1000 and len({v for v, _ in pairs}) == 1000
   lines = file.read_text().splitlines()
@@ -202,8 +202,8 @@ def test_real_jsfusion_test_csv(shared):
   assert pairs[-1] == (lines[-1].split(",")[2], lines[-1].split(",", 3)[3])
 
 
-def test_real_lsmdc_sentences(shared, tmp_path):
-  sentences = (shared / "data" / "lsmdc16_test_captions.txt").read_text().splitlines()
+def test_real_lsmdc_sentences(test_data, tmp_path):
+  sentences = (test_data / "lsmdc16_test_captions.txt").read_text().splitlines()
   file = tmp_path / "LSMDC16_challenge_1000_publictect.csv"
   file.write_text("".join(
       f"3001_MOVIE_{i:04d}\t01.02.27.034\t01.02.29.000\t01.02.27.000\t01.02.29.500\t{s}\n"

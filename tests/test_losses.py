@@ -1,4 +1,4 @@
-"""Tests for centerclip_jax.losses (symmetric InfoNCE) against NumPy."""
+"""Tests for centerclip_jax.training.losses (symmetric InfoNCE) against NumPy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from centerclip_jax import losses
+from centerclip_jax.training import losses
 
 
 def _normalised(rng, n, d):

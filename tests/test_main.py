@@ -82,7 +82,7 @@ def test_startup_errors_are_clear(tmp_path):
 
 
 def _final_params(workdir, step=6):
-  from centerclip_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from centerclip_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.PyTreeCheckpointer() as ckptr:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from centerclip_jax import metrics
+from centerclip_jax.evaluation import metrics
 
 KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
 

@@ -1,4 +1,4 @@
-"""Tests for centerclip_jax.optim: schedule, param groups, decay masks, freezing,
+"""Tests for centerclip_jax.training.optim: schedule, param groups, decay masks, freezing,
 clipping, BertAdam mode and gradient accumulation. Expected values are written inline."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from centerclip_jax import optim
+from centerclip_jax.training import optim
 from centerclip_jax.models import clip as clip_lib
 
 TINY = clip_lib.CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=64,

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from centerclip_jax import config as config_lib
-from centerclip_jax import encode
+from centerclip_jax.inference import encoder as encode
 from centerclip_jax import search
 from centerclip_jax.data import video as video_lib
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.models import porting
+from centerclip_jax.weights import porting
 from centerclip_jax.search import index as index_lib
 from tests import video_fixtures
 

@@ -19,9 +19,8 @@ from centerclip_jax.data import tokenizer as tokenizer_lib
 SOT, EOT = 49406, 49407
 
 
-def _shared_dir() -> Path:
-  env = os.environ.get("CENTERCLIP_SHARED")
-  return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+def _data_dir() -> Path:
+  return Path(__file__).resolve().parent / "data"
 
 
 def _load_simple_tokenizer_module():
@@ -78,7 +77,7 @@ def _ref_tokenize(ref, texts, max_words):
 
 
 def _msrvtt_sentences():
-  path = _shared_dir() / "data" / "msrvtt_jsfusion_test.csv"
+  path = _data_dir() / "msrvtt_jsfusion_test.csv"
   with open(path, newline="", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 1000 and set(rows[0]) == {"key", "vid_key", "video_id", "sentence"}
@@ -86,7 +85,7 @@ def _msrvtt_sentences():
 
 
 def _lsmdc_sentences():
-  path = _shared_dir() / "data" / "lsmdc16_test_captions.txt"
+  path = _data_dir() / "lsmdc16_test_captions.txt"
   lines = path.read_text(encoding="utf-8").splitlines()
   assert len(lines) == 1000
   return lines

@@ -1,4 +1,4 @@
-"""`centerclip_jax.cluster_inspect` and `tools/visualize_clusters.py` on a tiny 2-step model."""
+"""`centerclip_jax.inference.clusters` and `tools/visualize_clusters.py` on a tiny 2-step model."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from centerclip_jax import cluster_inspect
+from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax import config as config_lib
-from centerclip_jax import encode
+from centerclip_jax.inference import encoder as encode
 from centerclip_jax.clustering import kmedoids
 from centerclip_jax.data import video as video_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.models import loading
-from centerclip_jax.models import porting
+from centerclip_jax.weights import loading
+from centerclip_jax.weights import porting
 from tests import video_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

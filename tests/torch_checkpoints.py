@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from centerclip_jax.models import reference
+from centerclip_jax.weights import reference
 from centerclip_jax.models.clip import CLIPConfig
 
 # Small but complete: 2 heads per tower, 2 blocks each, 4x4 patches grid.

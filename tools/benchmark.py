@@ -31,7 +31,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top
@@ -40,7 +39,7 @@ import numpy as np
 import optax
 
 from centerclip_jax import config as config_lib
-from centerclip_jax import losses
+from centerclip_jax.training import losses
 from centerclip_jax.clustering import segments as segments_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib

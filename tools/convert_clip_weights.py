@@ -6,7 +6,7 @@
 Inputs: OpenAI's TorchScript archives (`ViT-B-32.pt`, `ViT-B-16.pt`, ...), plain state dicts,
 and CLIP4Clip / CenterCLIP training checkpoints (their non-CLIP tensors are kept as extras).
 The output directory holds `params/` (orbax: {'params', 'extras'}), `clip_config.json` and
-`conversion.json`; load it with `centerclip_jax.models.porting.load_converted`.
+`conversion.json`; load it with `centerclip_jax.weights.porting.load_converted`.
 `--verify` runs the reference PyTorch CLIP (clip-anytorch) and the Flax model on the same
 random inputs and fails if the features differ by more than 1e-4.
 
@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from centerclip_jax.models import porting  # pylint: disable=g-import-not-at-top
-from centerclip_jax.models import reference  # pylint: disable=g-import-not-at-top
+from centerclip_jax.weights import porting  # pylint: disable=g-import-not-at-top
+from centerclip_jax.weights import reference  # pylint: disable=g-import-not-at-top
 
 VERIFY_TOLERANCE = 1e-4
 

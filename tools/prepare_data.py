@@ -30,7 +30,6 @@ from pathlib import Path
 
 # Runnable from a checkout without installing the package. Only light imports at
 # module level: decode workers are spawned and re-import this file.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,7 +3,7 @@ r"""Wall time of one jit-compiled ViT-B/32 training step, with and without clust
   python tools/train_step_time.py [--batch 8]
 
 Random weights and inputs (12 frames, 224 px, 32 words), the real train step of
-`centerclip_jax.train` (CenterCLIP model, symmetric InfoNCE, the CLIP4Clip AdamW), on the
+`centerclip_jax.training.trainer` (CenterCLIP model, symmetric InfoNCE, the CLIP4Clip AdamW), on the
 default device. Prints the first call (compile + run) and the best of two later steps.
 For the compiled memory of the same step at global batch 32, see tools/benchmark.py.
 """
@@ -16,7 +16,6 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top
@@ -24,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from centerclip_jax import config as config_lib
-from centerclip_jax import optim
-from centerclip_jax import train
+from centerclip_jax.training import optim
+from centerclip_jax.training import trainer as train
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 

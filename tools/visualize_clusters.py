@@ -9,7 +9,7 @@ after preprocessing, un-normalised back to RGB, each upscaled `--scale` times), 
 patch the step clusters tinted by its cluster's colour (K distinct colours,
 alpha-blended), each medoid patch outlined by a white rectangle; patches that an earlier
 step already dropped are darkened. It also prints the kept medoids (frame, patch row and
-column). The medoids come from `centerclip_jax.cluster_inspect`, i.e. from the model's
+column). The medoids come from `centerclip_jax.inference.clusters`, i.e. from the model's
 own modules and clustering code. Steps after a `aggregation='mean'` step keep cluster
 means, not patches: those are listed, not drawn.
 """
@@ -21,7 +21,6 @@ import os
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # pylint: disable=g-import-not-at-top
@@ -32,11 +31,11 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
-from centerclip_jax import cluster_inspect
+from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax import config as config_lib
-from centerclip_jax import encode
+from centerclip_jax.inference import encoder as encode
 from centerclip_jax.data import video as video_lib
-from centerclip_jax.models import loading
+from centerclip_jax.weights import loading
 
 OUTLINE = (255, 255, 255)
 TINT_ALPHA = 0.45

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
-from centerclip_jax import config as config_lib
+from centerclip_jax.models import settings as settings_lib
 from centerclip_jax.clustering import segments as segments_lib
 from centerclip_jax.models import clip as clip_lib
 
@@ -136,34 +136,17 @@ class CenterCLIP(nn.Module):
 def build_model(model_cfg: ml_collections.ConfigDict,
                 clip_config: clip_lib.CLIPConfig) -> CenterCLIP:
   """CenterCLIP from `config.model` (validated here, before anything compiles)."""
-  config_lib.validate_model(model_cfg, clip_config)
+  settings_lib.validate_model(model_cfg, clip_config)
   return CenterCLIP(
       clip_config=clip_config,
       max_frames=int(model_cfg.max_frames),
-      steps=config_lib.cluster_plan(model_cfg, clip_config),
-      settings=config_lib.cluster_settings(model_cfg),
+      steps=settings_lib.cluster_plan(model_cfg, clip_config),
+      settings=settings_lib.cluster_settings(model_cfg),
       cluster_embedding=bool(model_cfg.cluster_embedding) and bool(model_cfg.cluster_inter),
       sim_header=model_cfg.sim_header,
       seq_transformer_layers=int(model_cfg.seq_transformer_layers),
       dtype=jnp.bfloat16 if model_cfg.dtype == "bfloat16" else jnp.float32,
       remat=bool(model_cfg.remat))
-
-
-def jit_encoders(model, mesh=None):
-  """jit-compiled (encode_video(params, frames, mask), encode_text(params, tokens)).
-
-  With a `mesh` (`parallel.make_mesh`), params are replicated and the batch is sharded
-  on its leading axis over the mesh's devices (pass `parallel.host_batch_to_global`
-  arrays); without one, everything runs on the default device.
-  """
-  video_fn = lambda p, f, m: model.apply({"params": p}, f, m, method=model.encode_video)
-  text_fn = lambda p, t: model.apply({"params": p}, t, method=model.encode_text)
-  if mesh is None:
-    return jax.jit(video_fn), jax.jit(text_fn)
-  from centerclip_jax import parallel  # pylint: disable=g-import-not-at-top
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return (jax.jit(video_fn, in_shardings=(rep, shard, shard), out_shardings=shard),
-          jax.jit(text_fn, in_shardings=(rep, shard), out_shardings=shard))
 
 
 def dummy_inputs(model: CenterCLIP, batch: int = 1, words: int = 8):

@@ -21,7 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from centerclip_jax import encode
+from centerclip_jax.inference import encoder as encode
 from centerclip_jax.search import index as index_lib
 from centerclip_jax.search import query as query_lib
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import ml_collections
 
-from centerclip_jax.models import loading
+from centerclip_jax.weights import loading
 
 _FULL_HASH_BYTES = 4 << 20   # checkpoint files up to this size are hashed whole
 _SAMPLE_BLOCK = 64 << 10     # larger ones: this many bytes at each of _SAMPLES offsets

@@ -38,10 +38,10 @@ import numpy as np
 import tqdm
 
 from centerclip_jax import config as config_lib
-from centerclip_jax import encode
+from centerclip_jax.inference import encoder as encode
 from centerclip_jax import parallel
 from centerclip_jax.models import centerclip
-from centerclip_jax.models import loading
+from centerclip_jax.weights import loading
 from centerclip_jax.search import fingerprint as fingerprint_lib
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".npy")
@@ -325,7 +325,7 @@ def build_index(config: ml_collections.ConfigDict, videos_dir: os.PathLike,
   mesh = parallel.make_mesh(jax.local_devices())
   n_dev = summary.num_devices = mesh.devices.size
   batch_size = -(-batch_size // n_dev) * n_dev
-  encode_video, _ = centerclip.jit_encoders(model, mesh)
+  encode_video, _ = parallel.jit_encoders(model, mesh)
   params = parallel.replicate(params, mesh)
   new_rows: list[np.ndarray] = []
 

@@ -27,11 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from centerclip_jax import config as config_lib
-from centerclip_jax import encode
-from centerclip_jax import metrics
+from centerclip_jax import parallel
+from centerclip_jax.inference import encoder as encode
+from centerclip_jax.evaluation import metrics
 from centerclip_jax.data import tokenizer as tokenizer_lib
 from centerclip_jax.models import centerclip
-from centerclip_jax.models import loading
+from centerclip_jax.weights import loading
 from centerclip_jax.search import fingerprint as fingerprint_lib
 from centerclip_jax.search import index as index_lib
 
@@ -75,7 +76,7 @@ class TextEncoder:
   """Captions -> L2-normalised text embeddings `[Q, D]` float32 (CenterCLIP's text tower)."""
 
   def __init__(self, model, params, max_words: int):
-    self._encode = centerclip.jit_encoders(model)[1]
+    self._encode = parallel.jit_encoders(model)[1]
     # The vision tower's weights are not needed (fewer arguments to pass on every call).
     params = dict(params, clip={k: v for k, v in params["clip"].items() if k != "visual"})
     self._params = jax.device_put(params)

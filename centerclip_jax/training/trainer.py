@@ -25,14 +25,14 @@ import optax
 import tensorflow_datasets as tfds
 from clu import metric_writers
 
-from centerclip_jax import checkpoints as checkpoints_lib
+from centerclip_jax.training import checkpoints as checkpoints_lib
 from centerclip_jax import config as config_lib
-from centerclip_jax import evaluate as evaluate_lib
-from centerclip_jax import losses
-from centerclip_jax import optim
+from centerclip_jax.evaluation import evaluate as evaluate_lib
+from centerclip_jax.training import losses
+from centerclip_jax.training import optim
 from centerclip_jax import parallel
 from centerclip_jax.data import pipeline
-from centerclip_jax.models import loading
+from centerclip_jax.weights import loading
 
 SELECTION_METRIC = ("text_to_video", "R@1")
 

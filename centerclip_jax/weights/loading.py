@@ -14,6 +14,7 @@ import ml_collections
 
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.weights import resolver
 
 CLIP_CONFIG_FILE = "clip_config.json"
 
@@ -69,11 +70,10 @@ def load_model(config: ml_collections.ConfigDict, rng=None
     return model, centerclip.init_params(model, rng)
   path = resolve_path(config.init_from, "init_from")
   if (path / "checkpoints").is_dir():
-    from centerclip_jax import checkpoints  # pylint: disable=g-import-not-at-top
-    params = checkpoints.load_params_only(path, centerclip.abstract_params(model))
+    params = resolver.load_params_only(path, centerclip.abstract_params(model))
     logging.info("loaded trained params from %s", path)
     return model, params
-  from centerclip_jax.models import porting  # pylint: disable=g-import-not-at-top
+  from centerclip_jax.weights import porting  # pylint: disable=g-import-not-at-top
   _, clip_params, extras = porting.load_converted(path)
   if extras:
     logging.warning("checkpoint extras not used by this model: %s", sorted(extras))

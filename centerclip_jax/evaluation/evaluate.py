@@ -3,7 +3,7 @@
 `embed_split` runs the video and text towers over the padded, per-host-sharded eval
 streams of `data.pipeline.eval_datasets`, gathers the embeddings of every host and drops
 the padding, so that every video and caption counts exactly once. `evaluate_split` turns
-them into the retrieval table of `centerclip_jax.metrics`.
+them into the retrieval table of `centerclip_jax.evaluation.metrics`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import tqdm
 
-from centerclip_jax import metrics as metrics_lib
+from centerclip_jax.evaluation import metrics as metrics_lib
 from centerclip_jax import parallel
 from centerclip_jax.data import pipeline
 from centerclip_jax.models import centerclip
@@ -48,7 +48,7 @@ def embed_split(model, params, builder, split: str, config, mesh) -> dict[str, A
       builder, split, batch_size=per_host, max_frames=model.max_frames,
       max_words=config.model.max_words, resolution=res,
       process_index=jax.process_index(), process_count=jax.process_count())
-  encode_video, encode_text = centerclip.jit_encoders(model, mesh)
+  encode_video, encode_text = parallel.jit_encoders(model, mesh)
   show = jax.process_index() == 0
   num_videos = data.num_videos
   video_fn = lambda f, m: encode_video(params, f, m)

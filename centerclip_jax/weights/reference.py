@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.models import porting
+from centerclip_jax.weights import porting
 
 CLIPConfig = clip_lib.CLIPConfig
 

@@ -1,0 +1,1 @@
+"""Evaluation: embed a split, retrieval metrics."""

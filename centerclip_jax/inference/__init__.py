@@ -1,0 +1,1 @@
+"""Inference library for the apps: one encoder (checkpoint -> model -> embeddings) and cluster inspection."""

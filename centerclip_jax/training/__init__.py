@@ -1,0 +1,1 @@
+"""Training: train_and_evaluate, the train step, optimizer, losses, checkpoints."""

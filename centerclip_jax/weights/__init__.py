@@ -1,0 +1,1 @@
+"""Weights I/O: PyTorch checkpoint porting, converted-checkpoint store, the checkpoint resolver."""
