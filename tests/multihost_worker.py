@@ -119,7 +119,8 @@ def make_train_step(tx, mesh):
   import jax
   import jax.numpy as jnp
   import optax
-  from centerclip_jax.training import losses, parallel
+  from centerclip_jax import parallel
+  from centerclip_jax.training import losses
   from centerclip_jax.models import clip as clip_lib
 
   model = clip_lib.CLIP(tiny_config())
