@@ -92,8 +92,15 @@ def test_metadata_survives_reload(raw, built):
   skipped = again.info.metadata["skipped"]
   assert [s["video_id"] for s in skipped["train_9k"]] == ["video5"]
   assert skipped["test_1k"][0]["reason"].startswith("missing")
-  report = common.skip_report(again.info.metadata)
-  assert "train_9k: 1 skipped" in report and "video4: missing" in report
+  report = again.report()
+  rows = {line.split()[0]: line.split()[1:] for line in report.splitlines()[2:5]}
+  # listed, written, missing, undecodable, short
+  assert rows == {"test_1k": ["3", "2", "1", "0", "0"], "train_7k": ["2", "2", "0", "0", "0"],
+                  "train_9k": ["4", "3", "0", "1", "0"]}
+  assert "  missing, test_1k (1): video4" in report
+  assert "  undecodable, train_9k (1):\n    video5: " in report
+  full = again.report_path().read_text()
+  assert full.startswith(again.report(show=None)) and "video4: no video file named video4" in full
 
 
 def test_frame_cache_makes_rebuild_skip_decoding(raw, built, tmp_path, monkeypatch):
@@ -225,25 +232,131 @@ def test_video_index_finds_names_and_stems(tmp_path):
   assert index.find(["notes"]) is None
 
 
-def test_prepare_data_tool(raw, tmp_path, capsys):
+def _tool():
   import importlib.util
   repo = Path(__file__).resolve().parents[1]
   spec = importlib.util.spec_from_file_location("prepare_data", repo / "tools" / "prepare_data.py")
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
+  return tool
+
+
+def test_prepare_data_tool(raw, tmp_path, capsys):
+  tool = _tool()
   manual_dir, _ = raw["msvd"]
   argv = ["msvd", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path),
           "--num_workers", "1", "--short_side", "32"]
   assert tool.main(argv) == 0
   out = capsys.readouterr().out
-  assert "train: 2 videos" in out and "val: 1 videos" in out
+  # listed, written, missing, undecodable, short
+  assert _row(out, "train") == [3, 2, 0, 1, 0] and _row(out, "val") == [1, 1, 0, 0, 0]
+  assert _row(out, "test") == [1, 0, 1, 0, 0]
   assert "left out (no readable video): test" in out
-  assert "q9_10_20: missing" in out and "bad_1_2: undecodable" in out
+  assert "missing, test (1): q9_10_20" in out and "undecodable, train (1):\n    bad_1_2: " in out
+  report_file = tmp_path / "msvd" / "fps3_32" / "1.0.0" / "build_report.txt"
+  assert f"every id of each list: {report_file}" in out and report_file.exists()
   assert "s per video" in out
   assert not (tmp_path / "downloads" / "centerclip_frames" / "msvd").exists()
   assert tool.main(argv) == 0
   assert "already built" in capsys.readouterr().out
   assert tool.main(["msvd", "--manual_dir", str(tmp_path / "nope"), "--data_dir", "x"]) == 2
+
+
+def write_activitynet_many(root, num_ids: int) -> list[str]:
+  """An ActivityNet layout listing `num_ids` videos (half train, half val_1) of which
+  only 3 exist: two readable, one corrupt. Returns the ids."""
+  import json
+  root = Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  ids = [f"v_{i:011d}" for i in range(num_ids)]
+  ann = lambda i: {"duration": 2.0, "timestamps": [[0.0, 1.0]], "sentences": [f"Clip {i}."]}
+  half = num_ids // 2
+  (root / "train.json").write_text(json.dumps({v: ann(i) for i, v in enumerate(ids[:half])}))
+  (root / "val_1.json").write_text(json.dumps({v: ann(i) for i, v in enumerate(ids[half:])}))
+  vf.write_video(root / "videos" / f"{ids[0]}.mp4", seed=1)
+  vf.write_video(root / "videos" / f"{ids[half]}.mp4", seed=2)
+  vf.write_garbage(root / "videos" / f"{ids[1]}.mp4")
+  return ids
+
+
+def test_build_report_is_short_and_says_everything_once(tmp_path, capfd):
+  """Most videos missing: the printed report has counts and a few ids per list; the full
+  lists are in the report file; nothing printed twice, no id on stderr."""
+  ids = write_activitynet_many(tmp_path / "raw", 400)
+  argv = ["activitynet_captions", "--manual_dir", str(tmp_path / "raw"), "--data_dir",
+          str(tmp_path / "out"), "--num_workers", "1", "--short_side", "32"]
+  assert _tool().main(argv) == 0
+  out, err = capfd.readouterr()
+  assert len(out.splitlines()) < 20, out
+  assert not any(v in err for v in ids), err[-2000:]
+  assert _row(out, "train") == [200, 1, 198, 1, 0] and _row(out, "val_1") == [200, 1, 199, 0, 0]
+  assert f"missing, train (198): {', '.join(ids[2:7])}, ... and 193 more" in out
+  assert f"undecodable, train (1):\n    {ids[1]}: " in out
+  lines = [line for line in out.splitlines() if line.strip()]
+  assert len(lines) == len(set(lines)), "a line printed twice"
+  full = (tmp_path / "out" / "activitynet_captions" / "fps3_32" / "1.0.0" /
+          "build_report.txt").read_text()
+  assert all(f"    {v}: no video file named {v} or {v[2:]}" in full
+             for v in ids if v not in (ids[0], ids[1], ids[200]))
+
+
+def test_short_videos_are_kept_and_listed(raw, tmp_path):
+  """A video under 1 s (< 3 frames at 3 fps) is written and listed as short."""
+  manual_dir = _copy(raw, "activitynet_captions", tmp_path)
+  vf.write_video(manual_dir / "videos" / "v_aaa.mp4", num_frames=5, fps=10, seed=0)  # 0.5 s
+  builder = build("activitynet_captions", manual_dir, tmp_path / "out")
+  short = builder.info.metadata["short"]
+  assert [(s["video_id"], s["num_frames"]) for s in short["train"]] == [("v_aaa", 2)]
+  assert short["val_1"] == []
+  assert read_split(builder, "train")["v_aaa"]["num_frames"] == 2
+  assert "  short, train (1):\n    v_aaa (2 frames)" in builder.report()
+  assert _row(builder.report(), "train") == [3, 2, 0, 1, 1]
+
+
+def _row(report: str, split: str) -> list[int]:
+  """The counts row of `split` in a printed build report."""
+  line = next(line for line in report.splitlines() if line.split()[:1] == [split])
+  return [int(x) for x in line.split()[1:]]
+
+
+def _run_tool(cwd, *args):
+  import subprocess
+  import sys
+  repo = Path(__file__).resolve().parents[1]
+  return subprocess.run([sys.executable, str(repo / "tools" / "prepare_data.py"), *args],
+                        capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_prepare_data_bad_inputs_give_one_line(raw, tmp_path):
+  """Each bad input: exit status 2, one `error:` line naming the flag or file, no traceback;
+  a missing annotation file is reported before TFDS prints anything."""
+  manual_dir = _copy(raw, "didemo", tmp_path)
+  (manual_dir / "val_data.json").unlink()
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  cases = [
+      (["msrvtt", "--manual_dir", str(tmp_path / "nope"), "--data_dir", str(tmp_path / "o")],
+       f"error: --manual_dir {tmp_path / 'nope'} is not a folder"),
+      (["msrvt", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path / "o")],
+       "error: unknown dataset 'msrvt'; choose one of activitynet_captions, didemo, lsmdc, "
+       "msrvtt, msvd"),
+      (["didemo", "--manual_dir", str(manual_dir), "--data_dir", str(a_file)],
+       f"error: --data_dir {a_file} is a file; give a folder (it is created if missing)"),
+      (["didemo", "--data_dir", str(tmp_path / "o")],
+       "error: --manual_dir is required (the folder with the downloaded annotations and "
+       "videos)"),
+      (["didemo", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path / "o")],
+       f"error: val_data.json not found in {manual_dir} (or its subfolders); see the "
+       "dataset's MANUAL_DOWNLOAD_INSTRUCTIONS."),
+      (["didemo", "--data_dir", str(tmp_path / "o"), "--verify"],
+       f"error: no didemo/fps3_224 in {tmp_path / 'o'}; build it first (give --manual_dir)"),
+  ]
+  for args, line in cases:
+    proc = _run_tool(tmp_path, *args)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [line], (args, proc.stderr)
 
 
 def test_duplicate_video_in_split_fails(raw, tmp_path):

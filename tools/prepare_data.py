@@ -3,16 +3,21 @@
   python tools/prepare_data.py msrvtt --manual_dir RAW --data_dir OUT \
       [--num_workers N] [--fps 3] [--short_side 224] [--keep_frame_cache] \
       [--overwrite] [--benchmark]
+  python tools/prepare_data.py msrvtt --data_dir OUT --verify
 
 Datasets: msrvtt, msvd, lsmdc, activitynet_captions, didemo (each builder's
-MANUAL_DOWNLOAD_INSTRUCTIONS describe what RAW must hold). Videos are decoded
-with PyAV in `--num_workers` processes (default: all cores) at `--fps`, shorter
-side `--short_side`, and stored as JPEG frames. Decoded videos are cached in
+MANUAL_DOWNLOAD_INSTRUCTIONS describe what RAW must hold). The annotation files
+are checked first; videos are then decoded with PyAV in `--num_workers`
+processes (default: all cores) at `--fps`, shorter side `--short_side`, and
+stored as JPEG frames. Decoded videos are cached in
 OUT/downloads/centerclip_frames/<name> so that an interrupted build restarts
 fast; the cache is deleted after a successful build unless --keep_frame_cache.
-Prints the examples per split, the skipped videos (missing / undecodable, also
-kept in the dataset's metadata.json) and the build time per video;
+Prints the build report (per split: videos listed, written, missing,
+undecodable, short; the first ids of each list; every id is in
+build_report.txt in the dataset's folder) and the build time per video;
 `--benchmark` then times the tf.data training pipeline on the built data.
+`--verify` reads every example of a built dataset, decodes every frame and
+lists the bad ones (exit status 1 if any).
 
 TFDS CLI alternative (default config fps3_224, all cores, cache kept):
 
@@ -28,14 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-# Runnable from a checkout without installing the package. Only light imports at
-# module level: decode workers are spawned and re-import this file.
+# Only light imports at module level: decode workers are spawned and re-import this file.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("dataset", help="msrvtt, msvd, lsmdc, activitynet_captions or didemo")
-  parser.add_argument("--manual_dir", required=True, help="the raw (downloaded) files")
+  parser.add_argument("--manual_dir", help="the raw (downloaded) files (not for --verify)")
   parser.add_argument("--data_dir", required=True, help="where TFDS writes the dataset")
   parser.add_argument("--num_workers", type=int, default=0,
                       help="decoding processes (default 0: all cores)")
@@ -49,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="time the tf.data training pipeline on the built data")
   parser.add_argument("--benchmark_batches", type=int, default=20)
   parser.add_argument("--benchmark_batch_size", type=int, default=32)
+  parser.add_argument("--verify", action="store_true",
+                      help="read every example of the built dataset and list the bad ones")
   return parser.parse_args(argv)
 
 
@@ -72,52 +78,87 @@ def _benchmark(builder, args) -> None:
         f"({stats['videos_per_cpu_s']:.1f} videos per CPU second)")
 
 
+def _fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def _check_args(args) -> str | None:
+  """The one-line problem with the paths and numbers, checked before TensorFlow starts."""
+  if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+    return f"--data_dir {args.data_dir} is a file; give a folder (it is created if missing)"
+  if args.fps <= 0 or args.short_side <= 0:
+    return f"--fps ({args.fps:g}) and --short_side ({args.short_side}) must be > 0"
+  if args.verify:
+    return None
+  if not args.manual_dir:
+    return "--manual_dir is required (the folder with the downloaded annotations and videos)"
+  if not os.path.isdir(args.manual_dir):
+    return f"--manual_dir {args.manual_dir} is not a folder"
+  return None
+
+
+def _verify(builder) -> int:
+  from centerclip_jax.data.datasets import verify  # pylint: disable=g-import-not-at-top
+  if not builder.data_path.exists():
+    return _fail(f"no {builder.name}/{builder.builder_config.name} in {builder.data_dir_root}; "
+                 "build it first (give --manual_dir)")
+  start = time.perf_counter()
+  problems = verify.scan(builder, decode=True)
+  examples = sum(s.num_examples for s in builder.info.splits.values())
+  print(f"{builder.name}/{builder.builder_config.name} in {builder.data_dir}: "
+        f"{examples} examples in {len(builder.info.splits)} splits read in "
+        f"{time.perf_counter() - start:.1f} s, {len(problems)} bad")
+  for problem in problems:
+    print(f"  {problem}")
+  if problems:
+    print(f"rebuild: {verify.rebuild_command(builder)}")
+  return 1 if problems else 0
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  if problem := _check_args(args):
+    return _fail(problem)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from centerclip_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  if args.dataset not in datasets.BUILDERS:
+    return _fail(f"unknown dataset {args.dataset!r}; choose one of "
+                 f"{', '.join(sorted(datasets.BUILDERS))}")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from centerclip_jax.data.datasets import common  # pylint: disable=g-import-not-at-top
 
-  if args.dataset not in datasets.BUILDERS:
-    print(f"unknown dataset {args.dataset!r}; choose one of {sorted(datasets.BUILDERS)}",
-          file=sys.stderr)
-    return 2
-  if not os.path.isdir(args.manual_dir):
-    print(f"--manual_dir {args.manual_dir} is not a folder", file=sys.stderr)
-    return 2
   cls = datasets.BUILDERS[args.dataset]
   name = common.config_name(args.fps, args.short_side)
   config = cls.builder_configs.get(name) or common.VideoTextConfig(
       fps=args.fps, short_side=args.short_side)
   builder = cls(data_dir=args.data_dir, config=config, num_workers=args.num_workers,
                 keep_frame_cache=args.keep_frame_cache)
+  if args.verify:
+    return _verify(builder)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   existed = builder.data_path.exists() and not args.overwrite
   start = time.perf_counter()
   try:
+    if not existed:  # Bad annotations are reported before TFDS starts.
+      builder.read_annotations(args.manual_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=args.manual_dir, download_mode=mode, try_download_gcs=False))
-  except (ValueError, FileNotFoundError) as e:  # Bad annotations or layout.
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (ValueError, OSError) as e:  # Bad annotations or layout, an unwritable data_dir.
+    if isinstance(e, OSError) and e.filename:
+      return _fail(f"{e.filename}: {e.strerror or e}")
+    return _fail(str(e).replace("\n", "\n  "))
   seconds = time.perf_counter() - start
 
-  info = builder.info
   print(f"\n{builder.name}/{builder.builder_config.name} in {builder.data_dir}")
-  total = 0
-  for split, split_info in sorted(info.splits.items()):
-    print(f"  {split}: {split_info.num_examples} videos")
-    total += split_info.num_examples
-  metadata = info.metadata or {}
-  if metadata.get("empty_splits"):
-    print(f"  left out (no readable video): {', '.join(metadata['empty_splits'])}")
-  print("skipped videos:\n  " + common.skip_report(metadata).replace("\n", "\n  "))
+  print(builder.report())
+  if builder.report_path().exists():
+    print(f"every id of each list: {builder.report_path()}")
   if existed:
     print("(already built: nothing was decoded; pass --overwrite to rebuild)")
   else:
-    decode = metadata.get("decode", {})
+    decode = builder.info.metadata.get("decode", {})
     videos = max(decode.get("videos", 0), 1)
     print(f"build time {seconds:.1f} s for {decode.get('videos')} distinct video files = "
           f"{seconds / videos:.3f} s per video (decoding {decode.get('seconds', 0):.1f} s "

@@ -7,7 +7,7 @@ demo 'synthetic_video_text'). Every builder writes `features.video_text_features
 from __future__ import annotations
 
 from centerclip_jax.data.datasets.activitynet import ActivitynetCaptions
-from centerclip_jax.data.datasets.common import VideoTextBuilder, VideoTextConfig, skip_report
+from centerclip_jax.data.datasets.common import VideoTextBuilder, VideoTextConfig
 from centerclip_jax.data.datasets.didemo import Didemo
 from centerclip_jax.data.datasets.lsmdc import Lsmdc
 from centerclip_jax.data.datasets.msrvtt import Msrvtt

@@ -5,8 +5,10 @@ A dataset module only parses its annotation files into `VideoJob`s per split
 manual dir, decodes them in a process pool (`video.encode_video_jpeg`: PyAV
 at `config.fps`, shorter side `config.short_side`, JPEG), caches each decoded
 video on disk (keyed by path + mtime + options) so that an interrupted build
-restarts fast, skips bad videos with a warning and records them in the
-dataset's metadata (`info.metadata['skipped']`, `['empty_splits']`).
+restarts fast, skips missing and undecodable videos and records them, and the
+short ones, in the dataset's metadata (`info.metadata['skipped']`, `['short']`,
+`['listed']`, `['empty_splits']`), and writes the readable build report
+(`report.py`) to `build_report.txt` in the dataset's folder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from centerclip_jax.data import video
+from centerclip_jax.data.datasets import report
 from centerclip_jax.data.datasets.features import video_text_features
 
 log = logging.getLogger(__name__)
@@ -112,16 +115,6 @@ def find_annotation(manual_dir: Path, name: str, max_depth: int = 2) -> Path:
                           "see the dataset's MANUAL_DOWNLOAD_INSTRUCTIONS.")
 
 
-def skip_report(metadata) -> str:
-  """A printable per-split summary of the skipped videos recorded in metadata."""
-  skipped = dict(metadata.get("skipped", {})) if metadata else {}
-  lines = []
-  for split, items in sorted(skipped.items()):
-    lines.append(f"{split}: {len(items)} skipped")
-    lines += [f"  {it['video_id']}: {it['reason']}" for it in items]
-  return "\n".join(lines) if lines else "no videos skipped"
-
-
 class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base class: subclasses set the class docs and implement `_read_splits`."""
 
@@ -142,6 +135,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._frame_cache_dir = frame_cache_dir
     self._keep_frame_cache = keep_frame_cache
     self.frame_cache_dir: str | None = None  # Set when the build starts.
+    self._annotations: tuple[Path, dict[str, list[VideoJob]]] | None = None
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -152,6 +146,22 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _read_splits(self, manual_dir: Path) -> dict[str, list[VideoJob]]:
     """Parses the annotations into jobs per split; raises AnnotationError."""
     raise NotImplementedError
+
+  def read_annotations(self, manual_dir) -> dict[str, list[VideoJob]]:
+    """The jobs per split from the annotation files (parsed once per manual dir).
+
+    Raises AnnotationError or FileNotFoundError naming the file; call it before
+    `download_and_prepare` to report a bad layout before TFDS starts.
+    """
+    manual_dir = Path(manual_dir)
+    if self._annotations is None or self._annotations[0] != manual_dir:
+      splits = self._read_splits(manual_dir)
+      for name, jobs in splits.items():
+        counts = collections.Counter(job.video_id for job in jobs)
+        if dup := next((v for v, n in counts.items() if n > 1), None):
+          raise AnnotationError(f"{self.name}, split {name}: video id {dup!r} listed twice")
+      self._annotations = (manual_dir, splits)
+    return self._annotations[1]
 
   def _request(self, path: str, job: VideoJob, return_frames: bool) -> video.JpegRequest:
     config = self.builder_config
@@ -168,11 +178,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     write an empty split) instead of failing the build after other splits.
     """
     manual_dir = Path(dl_manager.manual_dir)
-    splits = self._read_splits(manual_dir)  # Fails fast on bad annotations.
-    for name, jobs in splits.items():
-      counts = collections.Counter(job.video_id for job in jobs)
-      if dup := next((v for v, n in counts.items() if n > 1), None):
-        raise AnnotationError(f"{self.name}, split {name}: video id {dup!r} listed twice")
+    splits = self.read_annotations(manual_dir)  # Fails fast on bad annotations.
     index = VideoIndex(manual_dir)
     log.info("%s: %d video files under %s", self.name, len(index), manual_dir)
     self.frame_cache_dir = os.fspath(self._frame_cache_dir or Path(
@@ -186,35 +192,43 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      if (p := paths[name, job.video_id]) is not None}.items(),
                     key=lambda kv: str(kv[0]))
     requests = [self._request(key[0], job, return_frames=False) for key, job in unique]
-    errors, start = {}, time.perf_counter()
+    errors, frames, start = {}, {}, time.perf_counter()
     for (key, _), result in zip(unique, _run_pool(
         video.encode_video_jpeg, requests, self.num_workers, f"{self.name} decode")):
+      if result.error is None and result.num_frames == 0:
+        result = dataclasses.replace(result, error="no frame decoded")
       if result.error is not None:
         errors[key] = result.error
+      frames[key] = result.num_frames
     decode_seconds = time.perf_counter() - start
 
-    skipped, generators = {}, {}
+    shortest = report.min_frames(self.builder_config.fps)
+    skipped, short, generators = {}, {}, {}
     for name, jobs in splits.items():
-      skipped[name], good = [], []
+      skipped[name], short[name], good = [], [], []
       for job in jobs:
         path = paths[name, job.video_id]
+        key = (path, job.start_time, job.end_time)
         if path is None:
           reason = f"missing: no video file named {' or '.join(job.candidates)}"
-        elif (path, job.start_time, job.end_time) in errors:
-          reason = f"undecodable: {errors[path, job.start_time, job.end_time]}"
+        elif key in errors:
+          reason = f"undecodable: {errors[key]}"
         else:
           good.append((job, path))
+          if frames[key] < shortest:
+            short[name].append({"video_id": job.video_id, "path": path,
+                                "num_frames": frames[key]})
           continue
         skipped[name].append({"video_id": job.video_id, "path": path, "reason": reason})
-      level = logging.WARNING if skipped[name] else logging.INFO
-      log.log(level, "%s/%s: %d of %d videos skipped%s", self.name, name,
-              len(skipped[name]), len(jobs),
-              "".join(f"\n  {s['video_id']}: {s['reason']}" for s in skipped[name]))
+      log.info("%s/%s: %d listed, %d written, %d skipped, %d short", self.name, name,
+               len(jobs), len(good), len(skipped[name]), len(short[name]))
       if good:
         generators[name] = self._generate_examples(split=name, jobs=good)
-      else:
-        log.warning("%s/%s: no decodable video; the split is left out.", self.name, name)
+    raw = os.fspath(dl_manager.manual_dir)  # For the rebuild command.
+    self.info.metadata["manual_dir"] = raw if "://" in raw else os.path.abspath(raw)
+    self.info.metadata["listed"] = {name: len(jobs) for name, jobs in splits.items()}
     self.info.metadata["skipped"] = skipped
+    self.info.metadata["short"] = short
     self.info.metadata["empty_splits"] = sorted(set(splits) - set(generators))
     self.info.metadata["decode"] = {"fps": self.builder_config.fps,
                                     "short_side": self.builder_config.short_side,
@@ -222,8 +236,8 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                     "videos": len(requests), "seconds": decode_seconds,
                                     "workers": min(self.num_workers, len(requests))}
     if not generators:
-      raise ValueError(f"{self.name}: no video of any split could be read from "
-                       f"{manual_dir}:\n{skip_report(self.info.metadata)}")
+      raise ValueError(f"{self.name}: no video of any split could be read from {manual_dir}:\n"
+                       + report.render(self.info.metadata, self.name))
     return generators
 
   def _generate_examples(self, split: str, jobs: Sequence[tuple[VideoJob, str]]):
@@ -241,8 +255,19 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                            "captions": list(job.captions)}
 
   def _post_download_and_prepare_hook(self) -> None:
+    self.report_path().write_text(report.render(
+        self.info.metadata, f"{self.name}/{self.builder_config.name}", show=None) + "\n")
     if not self._keep_frame_cache and self.frame_cache_dir:
       shutil.rmtree(self.frame_cache_dir, ignore_errors=True)
+
+
+  def report_path(self):
+    """The build report with every id (`report.REPORT_FILE` in the dataset's folder)."""
+    return self.data_path / report.REPORT_FILE
+
+  def report(self, show: int | None = report.SHOW) -> str:
+    """The build report from this dataset's metadata (first `show` ids of each list)."""
+    return report.render(self.info.metadata, f"{self.name}/{self.builder_config.name}", show)
 
 
 def _run_pool(fn, requests, num_workers: int, desc: str):
