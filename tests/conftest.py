@@ -18,3 +18,25 @@ TEST_DATA = REPO / "tests" / "data"
 @pytest.fixture(scope="session")
 def test_data() -> pathlib.Path:
   return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A local in-memory GCS emulator with bucket 'centerclip-test' (tests/gcs_emulator.py).
+
+  Its variables (STORAGE_EMULATOR_HOST and the TF proxy ones) are set in this process's
+  environment, so subprocesses inherit them, and removed again when the session ends.
+  """
+  from tests import gcs_emulator
+  emulator = gcs_emulator.start("centerclip-test", tmp_path_factory.mktemp("gcs"))
+  saved = {k: os.environ.get(k) for k in emulator.env}
+  emulator.apply()
+  try:
+    yield emulator
+  finally:
+    emulator.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
