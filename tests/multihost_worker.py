@@ -7,10 +7,13 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N *before* importing JAX.
           symmetric InfoNCE, make_optimizer) on one fixed global batch, jit over a mesh
           (params replicated, batch sharded). Each process feeds its slice of the batch.
           Writes losses, final params and the gathered video embeddings to --out (.npz).
-  resume: the same model trained with a Checkpointer, a preemption handler, an RNG
+  resume: the same model trained with a Checkpointer, a PreemptionWatch, an RNG
           augmentation and a shuffling data position; resumes from --workdir if it holds
-          a checkpoint. Prints 'step <k> loss <x>' per step and 'PREEMPTED <k>' when it
-          saved and stopped on SIGTERM. Writes final params and per-step losses.
+          a checkpoint. Prints 'step <k> loss <x>' per step and 'PREEMPTED <k> ...' when
+          it saved and stopped on a preemption notice (SIGTERM to any process: with
+          several processes, JAX's preemption sync point makes all stop at one step).
+          --kill_in_save K: SIGKILLs itself while the async save of step K is being
+          written (after some items, before the commit). Writes final params and losses.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--workdir", default=None)
   p.add_argument("--step_sleep", type=float, default=0.0)
+  p.add_argument("--kill_in_save", type=int, default=0)
   return p.parse_args(argv)
 
 
@@ -200,11 +204,32 @@ def run_parity(args):
   print(f"process {jax.process_index()} done losses {losses}", flush=True)
 
 
+def _kill_during_save(step):
+  """SIGKILL this process from orbax's background thread, mid-way through saving `step`:
+  when the first item (or the step) of it is about to be committed."""
+  import signal
+  from orbax.checkpoint._src.path import atomicity
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def killing_finalize(self):
+    if f"/checkpoints/{step}" in str(self._final_path):
+      print(f"KILLING in save {step}", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return await finalize(self)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = killing_finalize
+
+
 def run_resume(args):
   import jax
   from centerclip_jax import parallel
   from centerclip_jax.training import checkpoints
+  if args.num_processes > 1:
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  if args.kill_in_save:
+    _kill_during_save(args.kill_in_save)
   n_examples, batch_size, accum = 24, 8, 2
+  rows = batch_size // jax.process_count()
   data = make_dataset(n_examples, seed=1)
   mesh = parallel.make_mesh()
   params = init_params(seed=3)
@@ -215,7 +240,7 @@ def run_resume(args):
 
   ckpt = checkpoints.Checkpointer(args.workdir, max_to_keep=2, keep_best=True,
                                   best_metric="neg_loss", async_save=True)
-  is_preempted = checkpoints.install_preemption_handler()
+  preemption = checkpoints.PreemptionWatch()
   abstract = checkpoints.abstract_tree({"params": params, "opt_state": opt_state})
   restored = ckpt.restore_latest(abstract)
   if restored is None:
@@ -226,9 +251,11 @@ def run_resume(args):
     print(f"RESUMED {step} {position}", flush=True)
 
   def next_batch(position):
-    """Epoch-shuffled batches; the position is where the next batch starts."""
+    """Epoch-shuffled batches; the position is where the next batch starts. Each process
+    takes its rows of the global batch."""
     order = np.random.default_rng(100 + position["epoch"]).permutation(n_examples)
     idx = order[position["index"]:position["index"] + batch_size]
+    idx = idx[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     nxt = position["index"] + batch_size
     new = {"epoch": position["epoch"], "index": nxt} if nxt < n_examples else \
         {"epoch": position["epoch"] + 1, "index": 0}
@@ -236,26 +263,27 @@ def run_resume(args):
 
   losses = {}
   while step < args.steps:
-    if is_preempted():  # Checked once per step, before fetching the next batch.
+    if preemption.reached(step):  # Read once per step, before fetching the next batch.
       ckpt.save(step, {"params": params, "opt_state": opt_state}, data_position=position,
                 rng=rng)  # No-op if this step was just saved.
       ckpt.close()
-      print(f"PREEMPTED {step}", flush=True)
+      print(f"PREEMPTED {step} process {jax.process_index()}", flush=True)
       return
     local, position = next_batch(position)
     rng, sub = jax.random.split(rng)
     params, opt_state, loss, _ = step_fn(params, opt_state,
                                          parallel.host_batch_to_global(local, mesh), sub)
     step += 1
-    losses[step] = float(loss)
+    losses[step] = float(parallel.global_to_host(loss))
     print(f"step {step} loss {losses[step]:.8f}", flush=True)
     if step % 2 == 0:
       ckpt.save(step, {"params": params, "opt_state": opt_state}, data_position=position,
                 rng=rng, metrics={"neg_loss": -losses[step]})
     time.sleep(args.step_sleep)
   ckpt.close()
-  np.savez(args.out, loss_steps=np.asarray(list(losses)), losses=np.asarray(list(losses.values())),
-           **flat_params(params))
+  if jax.process_index() == 0:
+    np.savez(args.out, loss_steps=np.asarray(list(losses)),
+             losses=np.asarray(list(losses.values())), **flat_params(params))
   print("FINISHED", flush=True)
 
 

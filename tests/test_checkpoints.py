@@ -1,5 +1,6 @@
 """Tests for centerclip_jax.training.checkpoints: round trip, retention (last N + best), params-only
-load, the SIGTERM flag, and an exact kill-and-resume of a small training run."""
+load, the preemption flag (one process; two processes agreeing through JAX's preemption sync
+point), and an exact kill-and-resume of a small training run."""
 
 from __future__ import annotations
 
@@ -127,24 +128,29 @@ def test_load_params_only(tmp_path):
     c.save(1, _state(5), data_position={}, rng=None)
     c.save(4, state, data_position={}, rng=None)
     path1 = c.step_path(1)
-  params = resolver.load_params_only(tmp_path, state["params"])  # Workdir: latest step.
+  params = resolver.load_params_only(tmp_path, state["params"])  # No metrics: latest step.
   _assert_trees_equal(params, state["params"])
   params = resolver.load_params_only(path1, checkpoints.abstract_tree(state["params"]))
   _assert_trees_equal(params, _state(5)["params"])
-  with pytest.raises(ValueError, match="no checkpoint"):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
     resolver.load_params_only(tmp_path / "nothing", state["params"])
+  (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(ValueError, match="no complete checkpoint"):
+    resolver.load_params_only(tmp_path / "empty", state["params"])
 
 
-def test_preemption_handler_sets_flag():
+def test_preemption_watch_sets_flag():
   old = signal.getsignal(signal.SIGTERM)
   try:
-    is_preempted = checkpoints.install_preemption_handler()
-    assert is_preempted() is False
+    watch = checkpoints.PreemptionWatch()
+    assert watch.reached(1) is False
     os.kill(os.getpid(), signal.SIGTERM)
     deadline = time.time() + 5
-    while not is_preempted() and time.time() < deadline:
+    step = 2
+    while not watch.reached(step) and time.time() < deadline:
       time.sleep(0.01)
-    assert is_preempted() is True
+      step += 1
+    assert watch.reached(step) is True
   finally:
     signal.signal(signal.SIGTERM, old)
 

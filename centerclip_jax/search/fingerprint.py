@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 from typing import Any
 
 import ml_collections
 
-from centerclip_jax.weights import loading
+from centerclip_jax.weights import resolver
 
 _FULL_HASH_BYTES = 4 << 20   # checkpoint files up to this size are hashed whole
 _SAMPLE_BLOCK = 64 << 10     # larger ones: this many bytes at each of _SAMPLES offsets
@@ -38,23 +37,19 @@ def _file_digest(h, path: pathlib.Path) -> None:
 def checkpoint_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What identifies the weights `loading.load_model(config)` loads.
 
-  Converted CLIP checkpoint: a digest of every file of it; training workdir: the latest
-  step and a digest of its files (the step `load_model` restores); no `init_from`: the
+  Converted CLIP checkpoint: a digest of every file of it; training workdir: the step
+  `load_model` restores (`resolver.resolve`) and a digest of its files; no `init_from`: the
   random-init seed. Digests hash each file's relative path and size, and its content
   (files over 4 MiB: 16 blocks of 64 KiB spread over the file), so that a copied or moved
   checkpoint keeps its identity and a re-trained or re-converted one does not.
   """
   if not config.init_from:
     return {"kind": "random", "seed": int(config.seed)}
-  path = loading.resolve_path(config.init_from, "init_from")
-  ident: dict[str, Any] = {"kind": "converted"}
-  files_root = path
-  if (path / "checkpoints").is_dir():
-    steps = [int(d) for d in os.listdir(path / "checkpoints") if d.isdigit()]
-    if not steps:
-      raise ValueError(f"config.init_from: {path}/checkpoints has no checkpoint step yet")
-    ident = {"kind": "trained", "step": max(steps)}
-    files_root = path / "checkpoints" / str(max(steps))
+  source = resolver.resolve(config.init_from)  # the step load_model loads
+  ident: dict[str, Any] = {"kind": source.kind}
+  if source.kind == "trained":
+    ident["step"] = source.step
+  files_root = source.path
   h = hashlib.sha256()
   for f in sorted(p for p in files_root.rglob("*") if p.is_file()):
     h.update(f.relative_to(files_root).as_posix().encode() + b"\0")

@@ -42,6 +42,7 @@ from centerclip_jax.inference import encoder as encode
 from centerclip_jax import parallel
 from centerclip_jax.models import centerclip
 from centerclip_jax.weights import loading
+from centerclip_jax.weights import resolver
 from centerclip_jax.search import fingerprint as fingerprint_lib
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".npy")
@@ -271,7 +272,7 @@ def build_index(config: ml_collections.ConfigDict, videos_dir: os.PathLike,
                            "search index; give a new or empty directory")
   config = ml_collections.ConfigDict(config.to_dict())
   if config.init_from:
-    config.init_from = str(loading.resolve_path(config.init_from, "init_from"))
+    config.init_from = resolver.resolve(config.init_from).spec  # pin the step (DIR@STEP)
   fingerprint, parts = fingerprint_lib.model_fingerprint(config, fps)
   files = scan_videos(videos_dir, exclude=[index_dir])
 

@@ -7,23 +7,37 @@ A checkpoint step directory holds two items:
 Retention: the last `max_to_keep` steps plus, with `keep_best`, the step with the best
 `best_metric` among those saved with metrics (Orbax preservation policies LatestN | BestN).
 
-For `load_params_only`, the state must be a dict with the params under 'params'.
+For `resolver.load_params_only`, the state must be a dict with the params under 'params'.
+A step that cannot be read at resume is set aside (`checkpoints/corrupt.<step>`) and the
+previous one is used; a failed write raises `CheckpointWriteError` naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
+from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from centerclip_jax import paths
+from centerclip_jax.weights import resolver
 from centerclip_jax.weights.resolver import META, STATE, abstract_tree
+
+CORRUPT_PREFIX = "corrupt."
+
+
+class CheckpointWriteError(resolver.CheckpointError):
+  """A checkpoint could not be written (full disk, I/O error); one line for the user."""
 
 PyTree = Any
 
@@ -93,7 +107,7 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-    self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+    self.directory = paths.user_path(workdir) / resolver.CHECKPOINTS
     self.best_metric = best_metric
     self.keep_best = keep_best
     worst = -np.inf if best_mode == "max" else np.inf
@@ -112,9 +126,11 @@ class Checkpointer:
         best_mode=best_mode,
         enable_async_checkpointing=async_save,
         create=True,
+        cleanup_tmp_directories=True,  # half-written steps of a killed run
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=(STATE, META))
+    self._pending: Optional[int] = None  # the step an async save is writing
 
   # -------------------------------------------------------------------------- save
 
@@ -132,7 +148,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       if not force:
         return False
-      self._manager.wait_until_finished()
+      self.wait()
       self._manager.delete(step)
     try:
       json.dumps(dict(data_position))
@@ -147,7 +163,27 @@ class Checkpointer:
     # Orbax ranks only the checkpoints given metrics; give them only when the selection
     # metric is there, so that a save with other metrics never counts as "best".
     ranked = metrics if metrics and self.best_metric in metrics else None
-    return self._manager.save(int(step), args=args, metrics=ranked, force=True)
+    self.wait()  # the previous async save: its write error is about its own step
+    with self._write_errors(int(step)):
+      started = self._manager.save(int(step), args=args, metrics=ranked, force=True)
+    self._pending = int(step)
+    return started
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int):
+    """Turns an OSError of the writer (ENOSPC, EIO, ...) into one line naming the path."""
+    try:
+      yield
+    except OSError as e:
+      failed = self._pending if self._pending is not None else step
+      self._pending = None
+      good = [s for s in self.all_steps() if s != failed]
+      kept = (f"the previous checkpoint (step {good[-1]}) is intact" if good else
+              "no earlier checkpoint exists")
+      where = e.filename or self.step_path(failed)
+      raise CheckpointWriteError(
+          f"writing checkpoint step {failed} failed: {where}: {e.strerror or e} "
+          f"(free space or fix the storage, then run again to resume; {kept})") from None
 
   # -------------------------------------------------------------------------- restore
 
@@ -168,8 +204,8 @@ class Checkpointer:
                          f"{sorted(self._manager.all_steps())}")
       restored = self._manager.restore(step, args=args)
     else:
-      path = os.fspath(step_or_path)
-      if not os.path.isdir(os.path.join(path, STATE)):
+      path = paths.user_path(step_or_path)
+      if not (path / STATE).is_dir():
         raise ValueError(f"{path} is not a checkpoint step directory (no '{STATE}/' inside)")
       with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         restored = ckptr.restore(path, args=args)
@@ -177,11 +213,40 @@ class Checkpointer:
     return int(meta["step"]), restored[STATE], meta["data_position"], _rng_from_json(meta["rng"])
 
   def restore_latest(self, abstract_state: PyTree):
-    """(step, state, data_position, rng) of the latest checkpoint, or None if none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, abstract_state)
+    """(step, state, data_position, rng) of the newest readable checkpoint, or None.
+
+    A newer step that cannot be read (truncated or deleted files) while an older one can
+    is logged as a warning naming it, set aside as `checkpoints/corrupt.<step>` (so that
+    the run can write that step again) and skipped. If no step can be read, the newest
+    step's error is raised (e.g. a model that no longer matches the checkpoints).
+    """
+    failed = []
+    for step in reversed(self.all_steps()):
+      try:
+        restored = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # TensorStore: plain Exception
+        failed.append((step, e))
+        continue
+      for bad, e in failed:
+        logging.warning("checkpoint step %d in %s is unreadable (%s); set aside as %s%d, "
+                        "resuming from step %d", bad, self.directory, resolver.brief(e),
+                        CORRUPT_PREFIX, bad, step)
+        self._set_aside(bad)
+      return restored
+    if failed:
+      step, e = failed[0]
+      raise resolver.CorruptCheckpointError(
+          f"cannot resume: no checkpoint in {self.directory} can be read; step {step}: "
+          f"{resolver.brief(e)}", step) from e
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unreadable step out of orbax's view (primary host; all hosts wait)."""
+    if jax.process_index() == 0:
+      paths.replace(self.directory / str(step), self.directory / f"{CORRUPT_PREFIX}{step}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
 
   def metrics(self, step: int) -> Optional[dict]:
     """Metrics saved with `step` (None if saved without)."""
@@ -191,9 +256,9 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]["metrics"]
 
-  def step_path(self, step: int) -> str:
-    """Directory of `step` (for `load_params_only` or `restore(path, ...)`)."""
-    return os.path.join(self.directory, str(int(step)))
+  def step_path(self, step: int) -> epath.Path:
+    """Directory of `step` (for `resolver.read_params` or `restore(path, ...)`)."""
+    return self.directory / str(int(step))
 
   # -------------------------------------------------------------------------- queries
 
@@ -210,11 +275,16 @@ class Checkpointer:
     return self._manager.best_step()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until an async save is written; its write error is raised here."""
+    with self._write_errors(self._pending or 0):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
@@ -223,29 +293,50 @@ class Checkpointer:
     self.close()
 
 
-def install_preemption_handler(signals=(signal.SIGTERM,)) -> Callable[[], bool]:
-  """Turns SIGTERM (by default) into a flag; returns `is_preempted()`.
+def write_json(path, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` atomically (a temporary sibling, then a move): a failed
+  write (full disk, I/O error) raises one line naming the path and leaves the old file."""
+  path = paths.user_path(path)
+  tmp = path.parent / f".{path.name}.tmp"
+  try:
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    paths.replace(tmp, path)
+  except OSError as e:
+    try:
+      if tmp.exists():
+        tmp.unlink()
+    except OSError:
+      pass
+    kept = "the previous version is unchanged" if path.exists() else "nothing was written"
+    raise CheckpointWriteError(f"writing {path} failed: {e.strerror or e} ({kept})") from None
 
-  The training loop calls `is_preempted()` once per step and, when True, saves
-  (`force=True`) and exits. With several processes, `is_preempted()` is a collective
-  (any host signalled -> True on every host), so every process must call it at the same
-  steps. Call from the main thread.
+
+class PreemptionWatch:
+  """The preemption flag, read once per step and the same on every host.
+
+  `reached(step)` is called once per training step by every process, with the number of
+  steps done; True means: save `step` now and exit. With several processes it is JAX's
+  preemption sync point (`multihost_utils.reached_preemption_sync_point`): a preemption
+  notice (SIGTERM by default) reaching any host makes every host return True at the same
+  step, and orbax's `CheckpointManager` treats that step as a preemption save. With one
+  process (or the JAX preemption service off) a SIGTERM handler sets the flag; with
+  several processes and the service off, the flags are gathered once per step.
+  Construct it from the main thread, after `jax.distributed.initialize`.
   """
-  event = threading.Event()
 
-  def handler(signum, frame):
-    del signum, frame
-    event.set()
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._sync_point = (jax.process_count() > 1 and
+                        bool(jax.config.jax_enable_preemption_service))
+    self._event = threading.Event()
+    if not self._sync_point:  # the JAX service installs its own SIGTERM notifier
+      for sig in signals:
+        signal.signal(sig, lambda signum, frame: self._event.set())
 
-  for sig in signals:
-    signal.signal(sig, handler)
-
-  def is_preempted() -> bool:
-    flag = event.is_set()
+  def reached(self, step: int) -> bool:
+    if self._sync_point:
+      return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+    flag = self._event.is_set()
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
       flag = bool(np.any(flags))
     return flag
-
-  return is_preempted
