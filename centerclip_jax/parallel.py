@@ -14,8 +14,10 @@ unchanged on 1 device, 8 devices or many hosts. Per-device code, where clearer, 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -172,6 +174,29 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     global_shape = (value.shape[0] * n_proc,) + value.shape[1:]
     out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
   return out
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh,
+                     size: int = 2) -> Iterator[dict]:
+  """This host's batches -> global batches (`host_batch_to_global`), `size - 1` ahead.
+
+  The transfers are asynchronous, so while the step on batch n runs, batch n + 1 is
+  already on its way to the devices (flax's `prefetch_to_device` for a mesh). size 1
+  transfers each batch only when it is asked for.
+  """
+  if size < 1:
+    raise ValueError(f"prefetch_to_mesh: size must be >= 1, got {size}")
+  batches = iter(batches)
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(batches, n):
+      queue.append(host_batch_to_global(batch, mesh))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
 
 
 def _host_value(x) -> np.ndarray:

@@ -32,10 +32,12 @@ def get_config(arg: str = "centerclip"):
   c.train.num_epochs = 10
   c.train.lr = 1e-3
   c.train.coef_lr = 1.0           # random init: every parameter is new
+  c.train.freeze_layer_num = -1   # random init: nothing to keep frozen
   c.train.weight_decay = 0.01
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 10_000
   c.train.eval_every_epochs = 100  # select on the final step; the test eval runs at the end
   c.eval.batch_size = 50
   c.data.shuffle_buffer = 2000
+  c.data.train_examples = "videos"  # one random caption per video and epoch
   return c

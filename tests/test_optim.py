@@ -98,7 +98,8 @@ def test_param_groups_lr_by_sgd_like_step(params):
 def test_no_weight_decay_masks(params):
   lr, wd = 0.5, 0.2
   tx, _ = optim.make_optimizer(params, lr=lr, coef_lr=1.0, total_steps=1000,
-                               warmup_proportion=0.0, weight_decay=wd, clip_norm=None)
+                               warmup_proportion=0.0, weight_decay=wd, clip_norm=None,
+                               decay_norm_scales=False)
   zeros = jax.tree.map(jnp.zeros_like, params)
   upd = _one_update(tx, params, zeros)  # Zero grads: the update is the decay alone.
   p = _flat(params)
@@ -115,10 +116,10 @@ def test_no_weight_decay_masks(params):
                "['head']['dense']['kernel']"]:
     assert np.abs(upd[name]).max() > 0, name
 
-  # CLIP4Clip's literal rule decays LayerNorm scales (only biases are excluded).
+  # The original's literal rule (both recipes' default) decays LayerNorm scales (only
+  # biases are excluded).
   tx2, _ = optim.make_optimizer(params, lr=lr, coef_lr=1.0, total_steps=1000,
-                                warmup_proportion=0.0, weight_decay=wd, clip_norm=None,
-                                decay_norm_scales=True)
+                                warmup_proportion=0.0, weight_decay=wd, clip_norm=None)
   upd2 = _one_update(tx2, params, zeros)
   name = "['clip']['transformer']['resblocks_0']['ln_1']['scale']"
   np.testing.assert_allclose(upd2[name], -lr * wd * p[name], rtol=1e-6)
@@ -216,13 +217,13 @@ def test_clip_modes(mode):
 
 
 def test_bertadam_mode_matches_reference_update_rule():
-  """adam_bias_correction=False + per-param clipping = BertAdam, written out in NumPy."""
+  """optimizer='bertadam' (no bias correction, per-param clipping, warmup_cosine) =
+  BertAdam, written out in NumPy."""
   p, _ = _small_tree()
   lr, coef, wd, b1, b2, e, total, warm = 0.05, 0.1, 0.2, 0.9, 0.98, 1e-6, 10, 0.3
   tx, _ = optim.make_optimizer(p, lr=lr, coef_lr=coef, total_steps=total,
                                warmup_proportion=warm, weight_decay=wd, b1=b1, b2=b2, eps=e,
-                               clip_norm=1.0, clip_mode="per_param",
-                               adam_bias_correction=False)
+                               clip_norm=1.0, optimizer="bertadam")
   state = tx.init(p)
   params = p
   ref = {n: x.astype(np.float64) for n, x in _flat(p).items()}

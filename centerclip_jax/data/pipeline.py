@@ -191,10 +191,84 @@ def _num_frames(example: dict) -> tf.Tensor:
 # ---------------------------------------------------------------------------- training
 
 
+TRAIN_EXAMPLES = ("captions", "videos")
+
+
+def read_numpy(builder: tfds.core.DatasetBuilder, split: str,
+               ds: tf.data.Dataset) -> Iterator:
+  """`tfds.as_numpy(ds)`, where a read error that a corrupt shard of `split` explains
+  (truncated TFRecord, a frame that is not a JPEG: `datasets.verify.corrupt_error`)
+  becomes one `CorruptDataError` naming the shard and the command that rebuilds it.
+  Every read of a prepared dataset goes through here."""
+  try:
+    yield from tfds.as_numpy(ds)
+  except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    from centerclip_jax.data.datasets import verify  # pylint: disable=g-import-not-at-top
+    if (error := verify.corrupt_error(builder, split, e)) is None:
+      raise
+    raise error from None
+
+
+def caption_counts(builder: tfds.core.DatasetBuilder, split) -> np.ndarray:
+  """int64 [num_examples]: the number of captions of each example of `split`, in order.
+
+  Reads the split once (frames are read, not decoded).
+  """
+  _check_builder(builder, split)
+  ds = builder.as_dataset(
+      split=split, shuffle_files=False, read_config=tfds.ReadConfig(options=_options()),
+      decoders=tfds.decode.PartialDecoding({"captions": True}))
+  ds = ds.map(lambda ex: tf.size(ex["captions"], out_type=tf.int64)).batch(4096)
+  return np.concatenate([np.zeros([0], np.int64)] + list(read_numpy(builder, split, ds)))
+
+
+def num_train_examples(builder: tfds.core.DatasetBuilder, split: str, examples: str,
+                       counts: np.ndarray | None = None) -> int:
+  """Examples in one epoch of the training stream: videos, or (video, caption) pairs."""
+  if examples not in TRAIN_EXAMPLES:
+    raise ValueError(f"examples must be one of {TRAIN_EXAMPLES}, got {examples!r}")
+  if examples == "videos":
+    _check_builder(builder, split)
+    return builder.info.splits[split].num_examples
+  return int(np.sum(caption_counts(builder, split) if counts is None else counts))
+
+
+def _caption_rounds(ds: tf.data.Dataset, *, videos: int, rounds: int,
+                    key: tf.Tensor) -> tf.data.Dataset:
+  """Every (video, caption) pair once per epoch, from an infinite stream of passes.
+
+  An epoch is `rounds` (= the most captions of a video) passes over the `videos` videos,
+  each pass in a new shuffled order; per epoch and video a random permutation pi of
+  [0, rounds) sends the video's caption pi(r) < count to pass r, and skips the passes
+  with pi(r) >= count. Adds 'pick' (the caption index) to each kept example.
+  """
+
+  def assign(position, example):
+    passes = position // videos
+    epoch, round_ = passes // rounds, passes % rounds
+    video = tf.strings.to_hash_bucket_fast(example["video_id"], 2**62)
+    k = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(key, epoch), video)
+    u = tf.random.stateless_uniform([rounds], k, dtype=tf.float64)
+    r = tf.cast(round_, tf.int32)
+    ahead = tf.logical_or(u < u[r], tf.logical_and(u == u[r], tf.range(rounds) < r))
+    pick = tf.reduce_sum(tf.cast(ahead, tf.int32))  # pi(r): rank of u[r].
+    count = tf.size(example["captions"])
+    tf.debugging.assert_positive(count, message="video without captions")
+    tf.debugging.assert_less_equal(count, rounds, message="a video has more captions than "
+                                   "max_captions")
+    return {"frames": example["frames"], "captions": example["captions"],
+            "pick": tf.where(pick < count, pick, -1)}
+
+  return ds.enumerate().map(assign, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True).filter(lambda ex: ex["pick"] >= 0)
+
+
 def train_tf_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int,
                      max_frames: int, max_words: int, resolution: int, seed: int,
                      process_index: int = 0, process_count: int = 1, start_step: int = 0,
-                     shuffle_buffer: int = 2048,
+                     shuffle_buffer: int = 2048, examples: str = "videos",
+                     max_captions: int | None = None,
                      tokenize: TokenizeFn | None = None) -> tf.data.Dataset:
   """The infinite training stream of this host as a tf.data.Dataset (see train_dataset)."""
   _check_positive(global_batch_size=global_batch_size, max_frames=max_frames,
@@ -206,22 +280,33 @@ def train_tf_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_ba
     raise ValueError(f"process_index={process_index} outside [0, {process_count})")
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
+  if examples not in TRAIN_EXAMPLES:
+    raise ValueError(f"examples must be one of {TRAIN_EXAMPLES}, got {examples!r}")
   _check_builder(builder, split)
   batch = global_batch_size // process_count
   tokenize = tokenize or _default_tokenize()
   host_split = tfds.even_splits(split, process_count)[process_index]
-  if builder.info.splits[host_split].num_examples == 0:
+  num_videos = builder.info.splits[host_split].num_examples
+  if num_videos == 0:
     raise ValueError(f"split {split!r} of {builder.info.full_name!r} has no examples for "
                      f"host {process_index} of {process_count}")
+  if examples == "captions" and max_captions is None:
+    max_captions = int(caption_counts(builder, host_split).max())
 
   ds = builder.as_dataset(
       split=host_split, shuffle_files=True, decoders={"frames": tfds.decode.SkipDecoding()},
       read_config=tfds.ReadConfig(shuffle_seed=_derive_seed(seed, process_index, "files"),
                                   options=_options(), try_autocache=False))
-  ds = ds.map(lambda ex: {"frames": ex["frames"], "captions": ex["captions"]})
+  keep = ("frames", "captions") + (("video_id",) if examples == "captions" else ())
+  ds = ds.map(lambda ex: {k: ex[k] for k in keep})
   ds = ds.shuffle(shuffle_buffer, seed=_derive_seed(seed, process_index, "shuffle"),
                   reshuffle_each_iteration=True)
-  ds = ds.repeat().enumerate()  # Position in the infinite stream keys all randomness.
+  ds = ds.repeat()
+  if examples == "captions":
+    rounds_seed = _derive_seed(seed, process_index, "caption rounds")
+    ds = _caption_rounds(ds, videos=num_videos, rounds=max_captions, key=tf.constant(
+        [rounds_seed >> 32, rounds_seed & 0xFFFFFFFF], tf.int64))
+  ds = ds.enumerate()  # Position in the infinite stream keys all randomness.
   ds = ds.skip(start_step * batch)  # Before decoding: resuming costs only reads.
   example_seed = _derive_seed(seed, process_index, "examples")
   host_key = tf.constant([example_seed >> 32, example_seed & 0xFFFFFFFF], tf.int64)
@@ -230,9 +315,13 @@ def train_tf_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_ba
     key = tf.random.experimental.stateless_fold_in(host_key, position)
     caption_key, frames_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     captions = example["captions"]
-    count = tf.size(captions)
-    tf.debugging.assert_positive(count, message="video without captions")
-    pick = tf.random.stateless_uniform([], caption_key, minval=0, maxval=count, dtype=tf.int32)
+    if examples == "captions":
+      pick = example["pick"]
+    else:
+      count = tf.size(captions)
+      tf.debugging.assert_positive(count, message="video without captions")
+      pick = tf.random.stateless_uniform([], caption_key, minval=0, maxval=count,
+                                         dtype=tf.int32)
     indices, mask = frame_indices(_num_frames(example), max_frames, train=True, seed=frames_key)
     return {"frames": _load_frames(example["frames"], indices, mask, resolution),
             "frame_mask": mask, "caption": captions[pick]}
@@ -262,21 +351,26 @@ def _tokenizer_map(tokenize: TokenizeFn, batch: int, max_words: int):
 def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_batch_size: int,
                   max_frames: int, max_words: int, resolution: int, seed: int,
                   process_index: int = 0, process_count: int = 1, start_step: int = 0,
-                  shuffle_buffer: int = 2048,
+                  shuffle_buffer: int = 2048, examples: str = "videos",
+                  max_captions: int | None = None,
                   tokenize: TokenizeFn | None = None) -> Iterator[dict]:
   """Infinite iterator of this host's training batches (numpy), b = global / processes.
 
   Yields {'frames': float32 [b, max_frames, R, R, 3] (CLIP-normalised),
           'frame_mask': bool [b, max_frames], 'text': int32 [b, max_words]}.
-  One random caption per video per epoch, TSN frame sampling, a new seeded shuffle every
-  epoch; the stream from `start_step` equals the stream from 0 after `start_step` batches.
-  `tokenize` defaults to `tokenizer.get_tokenizer().tokenize`.
+  `examples='videos'`: one random caption per video per epoch; `'captions'`: every
+  (video, caption) pair once per epoch (`_caption_rounds`; `max_captions` is the most
+  captions of a video, read from the split when None). TSN frame sampling drawn anew for
+  every example, a new seeded shuffle every pass; the stream from `start_step` equals the
+  stream from 0 after `start_step` batches. Hosts read disjoint parts of the split
+  (`tfds.even_splits`), each `b` rows per batch. `tokenize` defaults to
+  `tokenizer.get_tokenizer().tokenize`.
   """
-  return iter(tfds.as_numpy(train_tf_dataset(
+  return read_numpy(builder, split, train_tf_dataset(
       builder, split, global_batch_size=global_batch_size, max_frames=max_frames,
       max_words=max_words, resolution=resolution, seed=seed, process_index=process_index,
       process_count=process_count, start_step=start_step, shuffle_buffer=shuffle_buffer,
-      tokenize=tokenize)))
+      examples=examples, max_captions=max_captions, tokenize=tokenize))
 
 
 # -------------------------------------------------------------------------------- eval

@@ -1,30 +1,34 @@
-"""AdamW with CLIP4Clip/CenterCLIP parameter groups, schedule, clipping and freezing.
+"""The optimizer recipes of CenterCLIP (default) and CLIP4Clip as optax transforms.
 
-The original (PyTorch) recipe, reproduced here as optax transforms:
+`make_optimizer(optimizer='adamw')`, the authors' CenterCLIP runs (torch.optim.AdamW):
 
 * Four groups: pretrained CLIP params (everything under the top-level key `clip`) at
   `lr * coef_lr`, new modules at `lr`; each split into weight decay / no weight decay.
-* `warmup_cosine` of CLIP4Clip's BertAdam: with progress x = step / total_steps,
-  lr(x) = x / warmup for x < warmup, else 0.5 * (1 + cos(pi * x)). The cosine runs over
-  the *whole* progress (not over the post-warm-up part), so the lr steps down from ~1
-  to 0.5 * (1 + cos(pi * warmup)) (0.976 for warmup 0.1) when the warm-up ends. Step 0
-  (the first update) has lr 0, as in BertAdam, whose step counter starts at 0.
-* Gradient clipping at norm 1. CLIP4Clip's BertAdam clips *each parameter tensor*
-  separately (`clip_grad_norm_(p, 1.0)` per param); CenterCLIP's loop may also clip the
-  global norm first. Default here: global-norm clipping over the trainable params
-  (`clip_mode='global'`); `clip_mode='per_param'` is the BertAdam behaviour
-  (g * min(1, c / (||g|| + 1e-6)) per tensor, PyTorch's formula); `'none'` disables it.
-* BertAdam has no Adam bias correction; optax AdamW has. Default: bias correction on
-  (AdamW); `adam_bias_correction=False` gives BertAdam's update m / (sqrt(v) + eps).
-* `freeze_layer_num > -1` freezes every pretrained param except ln_final,
-  text_projection, logit_scale, visual ln_post and proj, and the residual blocks with
-  index >= freeze_layer_num of both towers. Frozen params get zero updates, no weight
-  decay, no Adam state, and do not count in the global gradient norm (in PyTorch they
-  have no gradient at all).
-* No weight decay on biases and on LayerNorm params. Note: CLIP4Clip's PyTorch rule is
-  a substring match on ['bias', 'LayerNorm.bias', 'LayerNorm.weight'], which in CLIP
-  (LayerNorms named ln_1, ln_2, ...) only catches biases: CLIP's LayerNorm *weights*
-  were decayed. `decay_norm_scales=True` reproduces that.
+* AdamW as torch: bias-corrected moments, betas (0.9, 0.98), eps 1e-6, decoupled weight
+  decay 0.2 applied as `p -= lr_t * wd * p` (lr_t the scheduled lr of the group).
+* Schedule per group, t = optimizer-update index (0 for the first update), T updates,
+  w = int(warmup_proportion * T): `1e-8 + (lr - 1e-8) t / w` for t < w, then
+  `0.5 lr (1 + cos(pi (t - w) / (T - w)))`, floored at 1e-8 (`warmup_linear_cosine`).
+* Weight decay on every param except biases: the original's substring rule
+  (`bias`, `LayerNorm.bias`, `LayerNorm.weight`) never matches CLIP's `ln_*`, so
+  LayerNorm scales ARE decayed.
+* Clipping of the global gradient norm over the trainable params at 1.0, with torch's
+  `clip_grad_norm_` formula g * min(1, c / (||g|| + 1e-6)).
+
+`optimizer='bertadam'`, CLIP4Clip's BertAdam: no bias correction (m / (sqrt(v) + eps)),
+each parameter tensor clipped separately, the same decay rule, and `warmup_cosine`: with
+x = t / T, lr x / warmup for x < warmup, else 0.5 lr (1 + cos(pi x)) (the cosine over the
+whole progress; the first update has lr 0).
+
+Freezing (both): `freeze_layer_num > -1` freezes every pretrained param except ln_final,
+text_projection, logit_scale, visual ln_post and proj, and the residual blocks with
+index >= freeze_layer_num of both towers (CLIP4Clip's `freeze_layer_num`; 0 freezes
+exactly the token / positional / class embeddings, conv1 and ln_pre). Frozen params get
+zero updates, no weight decay, no Adam state, and do not count in the global gradient
+norm (in PyTorch they have no gradient at all).
+
+`clip_mode`, `adam_bias_correction` and `decay_norm_scales` override single choices of
+a recipe (`decay_norm_scales=False` also spares LayerNorm scales).
 
 Param paths: the retrieval model's tree is {'clip': <CLIP tree of models/clip.py>,
 <new modules...>}.
@@ -76,6 +80,40 @@ def warmup_cosine_schedule(base_lr: float, total_steps: int,
     else:
       f = cosine
     return base_lr * f
+
+  return schedule
+
+
+LR_FLOOR = 1e-8
+
+
+def warmup_linear_cosine_schedule(base_lr: float, total_steps: int,
+                                  warmup_proportion: float = 0.1,
+                                  floor: float = LR_FLOOR) -> optax.Schedule:
+  """The CenterCLIP runs' schedule of the update index t (0 for the first update).
+
+  w = int(warmup_proportion * total_steps); t < w: floor + (base_lr - floor) * t / w;
+  t >= w: max(floor, 0.5 * base_lr * (1 + cos(pi * (t - w) / (T - w)))), clamped at
+  t = T. (optax's warmup_cosine_decay_schedule rounds the start of the warm-up to 0 in
+  float32, so it is written out.)
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps must be a positive number of optimizer updates, got "
+                     f"{total_steps}")
+  if not 0 <= warmup_proportion < 1:
+    raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
+  warmup = int(warmup_proportion * total_steps)
+  decay = float(total_steps - warmup)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32)
+    # 0.5 (1 + cos(pi x)) = sin^2(pi (1 - x) / 2), x = (t - w) / (T - w): accurate near T.
+    rest = jnp.clip((total_steps - t) / decay, 0.0, 1.0)
+    cosine = base_lr * jnp.square(jnp.sin(0.5 * math.pi * rest))
+    if warmup > 0:
+      ramp = floor + (base_lr - floor) * (t / warmup)
+      cosine = jnp.where(t < warmup, ramp, cosine)
+    return jnp.maximum(cosine, floor)
 
   return schedule
 
@@ -149,6 +187,18 @@ def param_groups(params: PyTree, *, pretrained_prefix: str = "clip", freeze_laye
 # ----------------------------------------------------------------------------- transforms
 
 
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+  """torch's `clip_grad_norm_` over all updates: g * min(1, c / (||g||_global + 1e-6))."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
   """Clips each gradient tensor to norm `max_norm` separately (BertAdam's per-param clip).
 
@@ -191,26 +241,35 @@ def scale_by_adam_no_bias_correction(b1: float, b2: float, eps: float
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# Per recipe: (schedule, clip_mode, adam_bias_correction, decay_norm_scales).
+RECIPES = {
+    "adamw": (warmup_linear_cosine_schedule, "global", True, True),
+    "bertadam": (warmup_cosine_schedule, "per_param", False, True),
+}
+
+
 def make_optimizer(
     params: PyTree,
     *,
     lr: float,
     coef_lr: float,
     total_steps: int,
+    optimizer: str = "adamw",
     warmup_proportion: float = 0.1,
     weight_decay: float = 0.2,
     b1: float = 0.9,
     b2: float = 0.98,
     eps: float = 1e-6,
     clip_norm: Optional[float] = 1.0,
-    clip_mode: str = "global",
+    clip_mode: Optional[str] = None,
     grad_accum_steps: int = 1,
     freeze_layer_num: int = -1,
     pretrained_prefix: str = "clip",
-    adam_bias_correction: bool = True,
-    decay_norm_scales: bool = False,
+    adam_bias_correction: Optional[bool] = None,
+    decay_norm_scales: Optional[bool] = None,
 ) -> Tuple[optax.GradientTransformation, Dict[str, optax.Schedule]]:
-  """The CLIP4Clip/CenterCLIP optimizer as one optax transformation.
+  """The CenterCLIP (`'adamw'`) or CLIP4Clip (`'bertadam'`) optimizer as one optax
+  transformation (see the module docstring).
 
   Args:
     params: the model params (or their `jax.eval_shape` structure); used to check the
@@ -218,25 +277,33 @@ def make_optimizer(
     lr: base learning rate of the new modules.
     coef_lr: the pretrained CLIP params train at `lr * coef_lr`.
     total_steps: number of optimizer *updates* (micro-batches / grad_accum_steps).
-    warmup_proportion: fraction of total_steps of linear warm-up (then cosine; see the
-      module docstring for the exact shape).
+    optimizer: 'adamw' (CenterCLIP's torch.optim.AdamW runs) or 'bertadam' (CLIP4Clip).
+    warmup_proportion: fraction of total_steps of warm-up (the shape depends on the
+      recipe; see the module docstring).
     weight_decay: decoupled weight decay (lr-scaled, as AdamW and BertAdam).
-    b1, b2, eps: Adam constants (CLIP4Clip: 0.9, 0.98, 1e-6).
+    b1, b2, eps: Adam constants (0.9, 0.98, 1e-6 in both recipes).
     clip_norm: gradient clipping threshold; None or <= 0 disables clipping.
-    clip_mode: 'global' (global norm over trainable params), 'per_param' (each tensor,
-      as BertAdam) or 'none'.
+    clip_mode: None (the recipe's), 'global' (global norm over trainable params),
+      'per_param' (each tensor, as BertAdam) or 'none'.
     grad_accum_steps: k > 1 wraps everything in `optax.MultiSteps`: k micro-batch
       gradients are averaged, and the k-th call applies one update (the others return
       zero updates).
     freeze_layer_num: -1 trains everything; n >= 0 freezes CLIP as CLIP4Clip does.
     pretrained_prefix: top-level key of the pretrained CLIP params.
-    adam_bias_correction: False gives BertAdam's (uncorrected) moments.
-    decay_norm_scales: True decays LayerNorm scales (CLIP4Clip's literal rule).
+    adam_bias_correction: None (the recipe's); False gives BertAdam's moments.
+    decay_norm_scales: None (the recipe's: True, the original's rule); False spares
+      LayerNorm scales from weight decay.
 
   Returns:
     (transformation, {'pretrained': schedule, 'new': schedule}); the schedules map the
     optimizer-update index (0 for the first update) to the learning rate, for logging.
   """
+  if optimizer not in RECIPES:
+    raise ValueError(f"optimizer must be one of {sorted(RECIPES)}, got {optimizer!r}")
+  schedule_fn, default_clip, default_bias, default_norm = RECIPES[optimizer]
+  clip_mode = default_clip if clip_mode is None else clip_mode
+  adam_bias_correction = default_bias if adam_bias_correction is None else adam_bias_correction
+  decay_norm_scales = default_norm if decay_norm_scales is None else decay_norm_scales
   if clip_mode not in ("global", "per_param", "none"):
     raise ValueError(f"clip_mode must be 'global', 'per_param' or 'none', got {clip_mode!r}")
   if grad_accum_steps < 1:
@@ -253,8 +320,8 @@ def make_optimizer(
         f"{sorted(params)}; set pretrained_prefix to the CLIP subtree's key")
 
   schedules = {
-      "pretrained": warmup_cosine_schedule(lr * coef_lr, total_steps, warmup_proportion),
-      "new": warmup_cosine_schedule(lr, total_steps, warmup_proportion),
+      "pretrained": schedule_fn(lr * coef_lr, total_steps, warmup_proportion),
+      "new": schedule_fn(lr, total_steps, warmup_proportion),
   }
   label_fn = lambda p: param_groups(p, pretrained_prefix=pretrained_prefix,
                                     freeze_layer_num=freeze_layer_num,
@@ -276,14 +343,13 @@ def make_optimizer(
   transforms = {FROZEN: optax.set_to_zero()}
   for name in GROUPS:
     source = "pretrained" if name.startswith("pretrained") else "new"
-    transforms[name] = group(schedules[source], decay=name.endswith("_decay")
-                             and not name.endswith("no_decay"))
+    transforms[name] = group(schedules[source], decay=not name.endswith("no_decay"))
 
   chain = []
   if clip_norm is not None and clip_norm > 0 and clip_mode != "none":
     if clip_mode == "global":
       trainable = lambda p: jax.tree.map(lambda l: l != FROZEN, label_fn(p))
-      chain.append(optax.masked(optax.clip_by_global_norm(clip_norm), trainable))
+      chain.append(optax.masked(clip_by_global_norm_torch(clip_norm), trainable))
     else:
       chain.append(clip_by_tensor_norm(clip_norm))
   chain.append(optax.multi_transform(transforms, label_fn))

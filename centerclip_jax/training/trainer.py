@@ -86,15 +86,48 @@ def make_train_step(model, tx):
   return train_step
 
 
-def _num_train_steps(config, builder) -> tuple[int, int]:
-  n = builder.info.splits[config.train_split].num_examples
+def _num_train_steps(config, builder, counts=None) -> tuple[int, int]:
+  """(total optimizer updates, updates per epoch); an epoch is every video
+  (`data.train_examples='videos'`) or every (video, caption) pair ('captions') once,
+  `counts` the captions per training video (`pipeline.caption_counts`)."""
+  examples = config.data.get("train_examples", "videos")
+  n = pipeline.num_train_examples(builder, config.train_split, examples, counts)
   steps_per_epoch = n // config.train.global_batch_size
   if steps_per_epoch < 1:
+    what = "videos" if examples == "videos" else "(video, caption) pairs"
     raise ValueError(f"config.train.global_batch_size ({config.train.global_batch_size}) is "
-                     f"larger than the {n} training videos of {config.train_split}")
+                     f"larger than the {n} training {what} of {config.train_split}")
   total = (config.train.num_train_steps if config.train.num_train_steps > 0
            else steps_per_epoch * config.train.num_epochs)
   return total, steps_per_epoch
+
+
+class StepTimer:
+  """Seconds per FINISHED train step: `lap(outputs)` blocks on the latest step's outputs
+  and returns the wall time since the previous lap (or reset) over the steps counted
+  by `step()`, leaving out the time between `pause(outputs)` and `resume()`."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.busy, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+  def step(self):
+    self.steps += 1
+
+  def pause(self, outputs):
+    jax.block_until_ready(outputs)
+    self.busy += time.perf_counter() - self.start
+
+  def resume(self):
+    self.start = time.perf_counter()
+
+  def lap(self, outputs) -> float:
+    self.pause(outputs)
+    dt = self.busy / max(self.steps, 1)
+    self.reset()
+    return dt
 
 
 def _flat(results: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -161,12 +194,15 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   the final params on the eval split when the selection eval already computed them)."""
   t = config.train
   parallel.check_batch_divisible(t.global_batch_size, mesh)
-  total_steps, steps_per_epoch = _num_train_steps(config, builder)
+  examples = config.data.get("train_examples", "videos")
+  counts = (pipeline.caption_counts(builder, config.train_split) if examples == "captions"
+            else None)
+  total_steps, steps_per_epoch = _num_train_steps(config, builder, counts)
   tx, schedules = optim.make_optimizer(
       params, lr=t.lr, coef_lr=t.coef_lr, total_steps=total_steps,
-      warmup_proportion=t.warmup_proportion, weight_decay=t.weight_decay,
-      clip_norm=t.clip_norm, grad_accum_steps=t.grad_accum_steps,
-      freeze_layer_num=t.freeze_layer_num)
+      optimizer=t.get("optimizer", "adamw"), warmup_proportion=t.warmup_proportion,
+      weight_decay=t.weight_decay, clip_norm=t.clip_norm,
+      grad_accum_steps=t.grad_accum_steps, freeze_layer_num=t.freeze_layer_num)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1)}
   ckpt = checkpoints_lib.Checkpointer(
@@ -180,12 +216,16 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   state = parallel.replicate(state, mesh)
 
   micro_bs = t.global_batch_size // t.grad_accum_steps
-  train_iter = iter(pipeline.train_dataset(
+  host_batches = pipeline.train_dataset(
       builder, config.train_split, global_batch_size=micro_bs,
       max_frames=model.max_frames, max_words=config.model.max_words, resolution=res,
       seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), start_step=int(data_position["step"]),
-      shuffle_buffer=config.data.shuffle_buffer))
+      shuffle_buffer=config.data.shuffle_buffer, examples=examples,
+      max_captions=None if counts is None else int(counts.max()))
+  # Global batches, the next ones already on their way to the devices.
+  train_iter = parallel.prefetch_to_mesh(host_batches, mesh,
+                                         size=config.data.get("device_prefetch", 2))
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, tx), in_shardings=(rep, shard),
                     out_shardings=(rep, rep), donate_argnums=(0,))
@@ -193,26 +233,26 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   lr_fn = schedules.get("new", next(iter(schedules.values())))
 
   micro_step = int(data_position["step"])
-  last_log, compile_done = time.time(), False
+  timer, compile_done = StepTimer(), False
   step_times = []
   last_selection = None
   accum = t.grad_accum_steps
   for step in range(start_step, total_steps):
     for _ in range(accum):
-      batch = parallel.host_batch_to_global(next(train_iter), mesh)
+      batch = next(train_iter)
       tic = time.time()
       state, metrics = step_fn(state, batch)
       micro_step += 1
+    timer.step()
     if not compile_done:
       jax.block_until_ready(metrics)
       compile_done = True
       logging.info("first step (incl. compile) took %.1f s", time.time() - tic)
-      last_log = time.time()
+      timer.reset()
     elif (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps:
+      dt = timer.lap(metrics)  # Blocks: s/step of the steps finished since the last lap.
       metrics = jax.device_get(metrics)
-      dt = (time.time() - last_log) / t.log_every_steps
       step_times.append(dt)
-      last_log = time.time()
       scalars = {k: float(v) for k, v in metrics.items()}
       scalars.update({"lr": float(lr_fn(step)), "step_time_s": dt,
                       "videos_per_s": t.global_batch_size / dt})
@@ -223,6 +263,9 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
     epoch = (step + 1) // steps_per_epoch
     do_eval = (end_of_epoch and epoch % t.eval_every_epochs == 0) or step + 1 == total_steps
     eval_metrics = None
+    paused = do_eval or (step + 1) % t.checkpoint_every_steps == 0
+    if paused:  # Eval and checkpoint time stay out of the step time.
+      timer.pause(state)
     if do_eval and (config.mode == "train_and_eval" or config.val_split):
       sel = evaluate_lib.evaluate_split(model, state["params"], builder, select_split, config, mesh)
       last_selection = sel
@@ -234,6 +277,8 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
         or step + 1 == total_steps):
       ckpt.save(step + 1, state, data_position={"step": micro_step}, rng=state["rng"],
                 metrics=eval_metrics, force=is_preempted())
+    if paused:
+      timer.resume()
     if is_preempted():
       ckpt.wait()
       logging.warning("preempted (SIGTERM): saved step %d, exiting", step + 1)
