@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_proportion = 0.1
   c.train.clip_norm = 1.0
   c.train.grad_accum_steps = 1
-  c.train.freeze_layer_num = -1
+  c.train.optimizer = "adamw"     # the authors' torch AdamW runs; 'bertadam': CLIP4Clip's
+  c.train.freeze_layer_num = 0    # 0: CLIP's embeddings, conv1, ln_pre frozen; -1: none
   c.train.log_every_steps = 50
   c.train.checkpoint_every_steps = 1000
   c.train.eval_every_epochs = 1
@@ -56,19 +57,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.resolution = -1          # -1: the model's image resolution
   c.data.shuffle_buffer = 2048
+  c.data.train_examples = "captions"  # each (video, caption) pair per epoch ('videos': 1 per video)
+  c.data.device_prefetch = 2      # global batches in flight to the devices (1: none ahead)
   return c
 
 
 def dataset_config(dataset: str, train_split: str, val_split: str, eval_split: str, *,
-                   max_frames: int = 12, max_words: int = 32) -> ml_collections.ConfigDict:
-  """`base_config()` for one dataset; long videos (> 12 frames) cluster into 4-frame
-  segments after block 6 and use a smaller eval batch."""
+                   train_examples: str, max_frames: int = 12, max_words: int = 32,
+                   segments: int = 0) -> ml_collections.ConfigDict:
+  """`base_config()` for one dataset; `train_examples` is 'captions' (every pair once
+  per epoch) or 'videos' (one random caption per video). Long videos (> 12 frames)
+  cluster after block 6 into `segments` segments (0: 4-frame segments) and use a
+  smaller eval batch."""
   c = base_config()
   c.dataset = dataset
   c.train_split, c.val_split, c.eval_split = train_split, val_split, eval_split
+  c.data.train_examples = train_examples
   if max_frames != 12:
     c.model = model_config(max_frames=max_frames)
-    c.model.target_frames_blocks = (max_frames,) * 6 + (max_frames // 4,) * 6
+    c.model.target_frames_blocks = (max_frames,) * 6 + (segments or max_frames // 4,) * 6
     c.eval.batch_size = 16
   c.model.max_words = max_words
   return c
@@ -102,6 +109,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"must be >= 1 and divide train.global_batch_size ({t.global_batch_size})")
   if not 0 <= t.warmup_proportion < 1:
     _fail("train.warmup_proportion", "must be in [0, 1)")
+  if t.get("optimizer", "adamw") not in ("adamw", "bertadam"):
+    _fail("train.optimizer", f"{t.optimizer!r} is not 'adamw' (the authors' AdamW runs) or "
+          "'bertadam' (CLIP4Clip's BertAdam)")
+  if t.get("freeze_layer_num", 0) < -1:
+    _fail("train.freeze_layer_num", "must be >= -1 (-1 freezes nothing, 0 the embeddings)")
+  if config.data.get("device_prefetch", 2) < 1:
+    _fail("data.device_prefetch", "must be >= 1 (1 transfers each batch when it is needed)")
+  if config.data.get("train_examples", "videos") not in ("captions", "videos"):
+    _fail("data.train_examples", f"{config.data.train_examples!r} is not 'captions' (every "
+          "(video, caption) pair once per epoch) or 'videos' (one random caption per video)")
   if t.lr <= 0 or t.coef_lr <= 0:
     _fail("train.lr", "train.lr and train.coef_lr must be > 0")
   if config.eval.batch_size < 1:
