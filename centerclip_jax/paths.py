@@ -127,11 +127,14 @@ def staged_output(path: PathLike) -> Iterator[epath.Path]:
 
 
 def replace(src: epath.Path, dst: epath.Path) -> None:
-  """Moves `src` over `dst` (a file or a directory); atomic on local disks only.
+  """Moves `src` over `dst` (a file or a directory, replacing what is there).
 
-  Buckets have no directory rename: there the tree is copied and `src` removed.
+  A local file move is atomic; a local directory that exists is removed first. Buckets
+  have no directory rename: there the tree is copied and `src` removed.
   """
   if not is_uri(src) and not is_uri(dst):
+    if dst.is_dir():
+      rmtree(dst)
     os.replace(os.fspath(src), os.fspath(dst))
     return
   if src.is_dir():

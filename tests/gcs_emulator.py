@@ -156,17 +156,33 @@ class _Threading(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 def _patch_emulator() -> None:
-  """Fixes the emulator's empty media upload (TF's `makedirs` writes a 0-byte `dir/`)."""
+  """Two fixes to the emulator, for what the real service does.
+
+  Empty media uploads (TF's `makedirs` writes a 0-byte `dir/`) failed; downloads lacked
+  the `x-goog-generation` header, which TensorStore reads (OCDBT manifests under orbax).
+  """
+  from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import objects
 
-  media_upload = objects._media_upload
+  media_upload, download = objects._media_upload, objects.download
 
-  def patched(request, response, storage):
+  def patched_upload(request, response, storage):
     if request.data is None:
       request._data = b""
     return media_upload(request, response, storage)
 
-  objects._media_upload = patched
+  def patched_download(request, response, storage, *args, **kwargs):
+    download(request, response, storage, *args, **kwargs)
+    if response.status.value in (200, 206):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  objects._media_upload, objects.download = patched_upload, patched_download
+  for _, methods in server.HANDLERS:
+    for method, handler in methods.items():
+      if handler is download:
+        methods[method] = patched_download
 
 
 def serve(bucket: str, folder: pathlib.Path) -> None:

@@ -105,3 +105,39 @@ def test_one_variable_is_enough_in_a_fresh_process(gcs, tmp_path):
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == json.dumps([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def _tool(name: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_convert_weights_into_the_bucket(gcs, tmp_path):
+  """tools/convert_clip_weights.py --input gs://... --output gs://...; same tree as local."""
+  from centerclip_jax.weights import porting
+  from tests import torch_checkpoints as tc
+  source = tc.write_state_dict(tc.reference_model(tc.TINY, seed=3), tmp_path / "tiny.pt")
+  remote_source = paths.user_path(gcs.url("weights/tiny.pt"))
+  remote_source.write_bytes(source.read_bytes())
+  tool = _tool("convert_clip_weights")
+  out = gcs.url("weights/vit_tiny")
+  assert tool.main(["--input", str(remote_source), "--output", out]) == 0
+  assert sorted(p.name for p in paths.user_path(out).iterdir()) == [
+      "clip_config.json", "conversion.json", "params"]
+  assert not [p for p in paths.user_path(gcs.url("weights")).iterdir() if ".tmp-" in p.name]
+  assert tool.main(["--input", str(source), "--output", out]) == 2  # exists
+  assert tool.main(["--input", str(source), "--output", out, "--overwrite"]) == 0
+  assert tool.main(["--input", str(source), "--output", str(tmp_path / "local")]) == 0
+  config, params, extras = porting.load_converted(out)
+  config2, params2, _ = porting.load_converted(tmp_path / "local")
+  assert config == config2 == tc.TINY and not extras
+  from flax import traverse_util
+  flat, flat2 = traverse_util.flatten_dict(params), traverse_util.flatten_dict(params2)
+  assert sorted(flat) == sorted(flat2)
+  for k in flat:
+    np.testing.assert_array_equal(flat[k], flat2[k])
+  meta = json.loads(paths.user_path(out + "/conversion.json").read_text())
+  assert meta["source_sha256"] == porting.file_sha256(source)

@@ -21,9 +21,7 @@ import logging
 import resource
 import sys
 import time
-from pathlib import Path
-
-
+from centerclip_jax import paths
 from centerclip_jax.weights import porting  # pylint: disable=g-import-not-at-top
 from centerclip_jax.weights import reference  # pylint: disable=g-import-not-at-top
 
@@ -32,8 +30,10 @@ VERIFY_TOLERANCE = 1e-4
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--input", required=True, type=Path, help="PyTorch checkpoint file")
-  parser.add_argument("--output", required=True, type=Path, help="directory to create")
+  parser.add_argument("--input", required=True, type=paths.user_path,
+                      help="PyTorch checkpoint file (local or gs://)")
+  parser.add_argument("--output", required=True, type=paths.user_path,
+                      help="directory to create (local or gs://)")
   parser.add_argument("--verify", action="store_true",
                       help="compare with the reference PyTorch CLIP on random inputs")
   parser.add_argument("--overwrite", action="store_true",
@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     return 2
   start = time.perf_counter()
   try:
-    state, kind = porting.read_torch_checkpoint(args.input)
+    with paths.local_copy(args.input) as local:  # torch reads local files only
+      state, kind = porting.read_torch_checkpoint(local)
     config, params, extras, report = porting.torch_to_flax(state)
   except porting.CheckpointError as e:
     log.error("%s", e if str(e).startswith(str(args.input)) else f"{args.input}: {e}")

@@ -29,7 +29,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -40,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from centerclip_jax import paths
 from centerclip_jax.models import clip as clip_lib
 
 CLIPConfig = clip_lib.CLIPConfig
@@ -348,7 +348,7 @@ def check_params(params, config: CLIPConfig, what: str = "params"):
 
 def file_sha256(path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.user_path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -363,7 +363,7 @@ def conversion_metadata(source, source_kind: str, report: ConversionReport) -> d
   if "torch" in sys.modules:
     versions["torch"] = sys.modules["torch"].__version__
   return {
-      "source": str(Path(source).resolve()), "source_kind": source_kind,
+      "source": str(paths.user_path(source)), "source_kind": source_kind,
       "source_sha256": file_sha256(source), "key_prefix": report.prefix,
       "preset": report.preset, "num_params": report.num_params,
       "extras": {k: list(v) for k, v in report.extras.items()},
@@ -385,7 +385,7 @@ def save_converted(out_dir, config: CLIPConfig, params, extras, metadata: Mappin
   existing path is left alone.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out_dir = Path(out_dir).absolute()
+  out_dir = paths.user_path(out_dir)
   if out_dir.exists():
     if not overwrite:
       raise FileExistsError(f"{out_dir} exists; pass --overwrite to replace it")
@@ -394,8 +394,7 @@ def save_converted(out_dir, config: CLIPConfig, params, extras, metadata: Mappin
                             "refusing to replace it")
   check_params(params, config)
   tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
+  paths.rmtree(tmp)
   tmp.mkdir(parents=True)
   try:
     tree = {"params": params, "extras": {k: np.asarray(v, np.float32) for k, v in extras.items()}}
@@ -403,12 +402,9 @@ def save_converted(out_dir, config: CLIPConfig, params, extras, metadata: Mappin
       ckptr.save(tmp / PARAMS_SUBDIR, tree)
     (tmp / CONFIG_FILE).write_text(config.to_json() + "\n")
     (tmp / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    paths.replace(tmp, out_dir)
   finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
+    paths.rmtree(tmp)
   return out_dir
 
 
@@ -418,7 +414,7 @@ def load_converted(directory) -> tuple[CLIPConfig, dict, dict[str, np.ndarray]]:
   The tree is checked against the config; callers place it on devices themselves.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = Path(directory).absolute()
+  directory = paths.user_path(directory)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no converted CLIP checkpoint here; {_CONVERT_HINT}")
   if not _is_converted_dir(directory):
