@@ -262,3 +262,69 @@ def test_resumed_workdir_retention(resume_runs):
     assert c.best_step() == expected_best
     assert expected_best in steps
     assert set(steps) <= set(steps[-2:]) | {expected_best}
+
+
+# ----------------------------------------------------------------------------- two hosts
+
+
+def _two_process_cmds(workdir, out, step_sleep=0.0):
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  return [_cmd(workdir, out, step_sleep) + ["--num_processes", "2", "--process_id", str(i),
+                                            "--coordinator", f"localhost:{port}"]
+          for i in range(2)]
+
+
+def _run_two(cmds, env, sigterm_after=None):
+  """Runs both processes; SIGTERMs process 1 only after it prints `step <k>`."""
+  procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for c in cmds]
+  logs = ["", ""]
+  try:
+    for line in procs[1].stdout:
+      logs[1] += line
+      if sigterm_after is not None and line.startswith(f"step {sigterm_after} "):
+        procs[1].send_signal(signal.SIGTERM)
+        sigterm_after = None
+    procs[1].wait(timeout=600)
+    logs[0], _ = procs[0].communicate(timeout=600)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [p.returncode for p in procs], logs
+
+
+@pytest.mark.slow
+def test_two_hosts_stop_at_one_step_on_sigterm_to_one(resume_runs, tmp_path):
+  """SIGTERM reaches process 1 only: through JAX's preemption sync point both processes
+  save the same step and exit; resumed on two processes, the run ends where an
+  uninterrupted one does."""
+  env = _env()
+  for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(k, None)
+  workdir = tmp_path / "two"
+  rcs, logs = _run_two(_two_process_cmds(workdir, tmp_path / "unused.npz", step_sleep=1.0),
+                       env, sigterm_after=KILL_AFTER_STEP)
+  assert rcs == [0, 0], "\n".join(l[-3000:] for l in logs)
+  stops = [[l.split() for l in log.splitlines() if l.startswith("PREEMPTED ")] for log in logs]
+  assert all(len(s) == 1 for s in stops), logs
+  (step0, step1) = (int(stops[0][0][1]), int(stops[1][0][1]))
+  assert step0 == step1 and KILL_AFTER_STEP <= step0 < TOTAL_STEPS  # the same step on both
+  assert "Reached preemption sync point" in logs[0]  # process 0 was told by the service
+  with checkpoints.Checkpointer(workdir, max_to_keep=2, best_metric="neg_loss") as c:
+    assert c.latest_step() == step0
+  rcs, logs = _run_two(_two_process_cmds(workdir, tmp_path / "resumed.npz"), env)
+  assert rcs == [0, 0], "\n".join(l[-3000:] for l in logs)
+  assert all(_marker(log, "RESUMED") == step0 for log in logs)
+  resumed, full = dict(np.load(tmp_path / "resumed.npz")), resume_runs["full"]
+  # Two processes sum the batch in another order than one: equal up to float rounding.
+  np.testing.assert_allclose(resumed["losses"], full["losses"][step0:], rtol=0, atol=1e-5)
+  keys = [k for k in full if k.startswith("param")]
+  max_diff = max(float(np.abs(full[k] - resumed[k]).max()) for k in keys)
+  print(f"2 hosts, SIGTERM to one at step {step0}, resumed vs 1 host uninterrupted: "
+        f"max |param diff| {max_diff:.3g}")
+  assert max_diff <= 1e-5

@@ -3,9 +3,11 @@
 One jit-compiled step over a mesh of every device of every host (`parallel.py`): params
 and optimizer state replicated, the global batch sharded on the `batch` axis, the
 contrastive loss written on the global batch. Checkpoints (orbax) keep the last N and
-the best by text->video R@1; a run resumes exactly from the latest (step, params,
-optimizer state, RNG, data position); SIGTERM saves first. Writes TensorBoard scalars
-and `results.json` to the workdir.
+the best by text->video R@1; a run resumes exactly from the latest readable one (step,
+params, optimizer state, RNG, data position); a preemption notice (SIGTERM; on several
+hosts JAX's preemption sync point) saves first. A non-finite loss or gradient is never
+applied: the run stops, or skips it with `config.train.skip_nonfinite`. Writes
+TensorBoard scalars and `results.json` to the workdir.
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def make_train_step(model, tx):
-  """(state, batch) -> (state, metrics); state = {step, params, opt_state, rng}."""
+  """(state, batch) -> (state, metrics); state = {step, params, opt_state, rng, nonfinite,
+  first_nonfinite}: `step` counts micro-steps; `nonfinite` the updates dropped for a
+  non-finite loss or gradient, `first_nonfinite` the micro-step of the first (0: none)."""
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state["rng"])
@@ -75,15 +79,56 @@ def make_train_step(model, tx):
       return losses.symmetric_infonce(video, text, logit_scale)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optim.clamp_logit_scale(optax.apply_updates(state["params"], updates))
-    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
-                 "rng": rng}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "logit_scale": jnp.exp(params["clip"]["logit_scale"])}
+    # A non-finite loss or gradient never reaches params or optimizer state: the update
+    # is dropped and counted (the host reads the count when it logs or saves).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    bad = state["nonfinite"] + (~finite).astype(jnp.int32)
+    first = jnp.where((state["nonfinite"] == 0) & ~finite, state["step"] + 1,
+                      state["first_nonfinite"])
+    new_state = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+                 "opt_state": keep(opt_state, state["opt_state"]), "rng": rng,
+                 "nonfinite": bad, "first_nonfinite": first}
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "logit_scale": jnp.exp(new_state["params"]["clip"]["logit_scale"]),
+               "nonfinite_updates": bad}
     return new_state, metrics
 
   return train_step
+
+
+class NonFiniteError(ValueError):
+  """Training met a non-finite loss or gradient (and config.train.skip_nonfinite is off)."""
+
+
+class NonFiniteCheck:
+  """Reads the train state's count of dropped non-finite updates when the host syncs
+  anyway (logging, saving): stops the run, or with `skip` logs the new skips."""
+
+  def __init__(self, skip: bool, ckpt, accum: int):
+    self.skip, self.ckpt, self.accum, self.count = bool(skip), ckpt, accum, 0
+
+  def check(self, count, state) -> None:
+    count = int(count)
+    if count == self.count:
+      return
+    first = (int(state["first_nonfinite"]) - 1) // self.accum + 1
+    if self.skip:
+      logging.warning("skipped %d non-finite update(s) so far (first at step %d; "
+                      "config.train.skip_nonfinite=True)", count, first)
+      self.count = count
+      return
+    self.ckpt.wait()
+    good = self.ckpt.latest_step()
+    where = (f"the last good checkpoint is step {good} ({self.ckpt.directory.parent}@{good})"
+             if good is not None else "no checkpoint was saved before it")
+    raise NonFiniteError(
+        f"step {first}: non-finite loss or gradients (the update was not applied); training "
+        f"stops, {where}. Lower config.train.lr, or set config.train.skip_nonfinite=True to "
+        "skip such updates")
 
 
 def _num_train_steps(config, builder, counts=None) -> tuple[int, int]:
@@ -185,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results["wall_time_s"] = time.time() - start_time
   writer.flush()
   if is_main:
-    (workdir_path / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    checkpoints_lib.write_json(workdir_path / "results.json", results)
   return results
 
 
@@ -204,7 +249,8 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       weight_decay=t.weight_decay, clip_norm=t.clip_norm,
       grad_accum_steps=t.grad_accum_steps, freeze_layer_num=t.freeze_layer_num)
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1)}
+           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1),
+           "nonfinite": jnp.zeros((), jnp.int32), "first_nonfinite": jnp.zeros((), jnp.int32)}
   ckpt = checkpoints_lib.Checkpointer(
       str(workdir), max_to_keep=t.keep_checkpoints,
       best_metric="/".join(SELECTION_METRIC), best_mode="max")
@@ -229,7 +275,8 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   step_fn = jax.jit(make_train_step(model, tx), in_shardings=(rep, shard),
                     out_shardings=(rep, rep), donate_argnums=(0,))
-  is_preempted = checkpoints_lib.install_preemption_handler()
+  preemption = checkpoints_lib.PreemptionWatch()
+  nonfinite = NonFiniteCheck(t.skip_nonfinite, ckpt, accum=t.grad_accum_steps)
   lr_fn = schedules.get("new", next(iter(schedules.values())))
 
   micro_step = int(data_position["step"])
@@ -252,6 +299,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
     elif (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps:
       dt = timer.lap(metrics)  # Blocks: s/step of the steps finished since the last lap.
       metrics = jax.device_get(metrics)
+      nonfinite.check(metrics["nonfinite_updates"], state)
       step_times.append(dt)
       scalars = {k: float(v) for k, v in metrics.items()}
       scalars.update({"lr": float(lr_fn(step)), "step_time_s": dt,
@@ -273,15 +321,17 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       value = sel[SELECTION_METRIC[0]][SELECTION_METRIC[1]]
       eval_metrics = {"/".join(SELECTION_METRIC): value}
       logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset, select_split, value)
-    if (do_eval or (step + 1) % t.checkpoint_every_steps == 0 or is_preempted()
+    preempted = preemption.reached(step + 1)  # read once per step, the same on every host
+    if (do_eval or (step + 1) % t.checkpoint_every_steps == 0 or preempted
         or step + 1 == total_steps):
+      nonfinite.check(state["nonfinite"], state)  # never save past a dropped update
       ckpt.save(step + 1, state, data_position={"step": micro_step}, rng=state["rng"],
-                metrics=eval_metrics, force=is_preempted())
+                metrics=eval_metrics)
     if paused:
       timer.resume()
-    if is_preempted():
+    if preempted:
       ckpt.wait()
-      logging.warning("preempted (SIGTERM): saved step %d, exiting", step + 1)
+      logging.warning("preempted: saved step %d, exiting", step + 1)
       raise SystemExit(143)
   ckpt.wait()
   final = state["params"]
@@ -295,6 +345,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
           "best_step": best_step,
           "best_selection_R@1": best_metrics.get("/".join(SELECTION_METRIC)),
           "median_step_time_s": float(np.median(step_times)) if step_times else None,
+          "nonfinite_skipped": nonfinite.count,
           "global_batch_size": t.global_batch_size}
   reuse = (last_selection if best_step == total_steps and select_split == config.eval_split
            else None)
