@@ -388,10 +388,9 @@ class EvalStream:
   num_examples: int
   num_batches: int
   keys: tuple[str, ...]
-  read: Callable[[tf.data.Dataset], Iterator] = tfds.as_numpy  # e.g. `read_numpy`
 
   def __iter__(self) -> Iterator[dict]:
-    return iter(self.read(self.dataset))
+    return iter(tfds.as_numpy(self.dataset))
 
   def __len__(self) -> int:
     return self.num_batches
@@ -454,7 +453,7 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
     meta = builder.as_dataset(
         split=sub, shuffle_files=False, read_config=tfds.ReadConfig(options=_options()),
         decoders=tfds.decode.PartialDecoding({"video_id": True, "captions": True}))
-    for local, example in enumerate(read_numpy(builder, split, meta)):
+    for local, example in enumerate(tfds.as_numpy(meta)):
       video_ids.append(example["video_id"].decode("utf-8"))
       for text in example["captions"]:
         captions.append(text.decode("utf-8"))
@@ -493,7 +492,7 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
 
   return EvalData(
       videos=EvalStream(videos.with_options(_options()), num_videos, video_batches,
-                        tuple(video_ids), read=lambda ds: read_numpy(builder, split, ds)),
+                        tuple(video_ids)),
       texts=EvalStream(texts.with_options(_options()), len(captions), text_batches,
                        tuple(captions)))
 
