@@ -153,6 +153,23 @@ def test_resize_and_crop_matches_video_preprocess(shape, res):
 # ------------------------------------------------------------------------------ training
 
 
+def _assert_tsn_frames(batch, row, ref_frames, where):
+  """batch row's frames: one frame of each of MAX_FRAMES equal segments of the video
+  (all frames, then the last repeated and masked, when it is shorter)."""
+  t = len(ref_frames)
+  np.testing.assert_array_equal(batch["frame_mask"][row], np.arange(MAX_FRAMES) < t)
+  frames = batch["frames"][row]
+  tick = t / MAX_FRAMES
+  for i in range(MAX_FRAMES):
+    if t <= MAX_FRAMES:
+      candidates = [min(i, t - 1)]  # All frames in order, then the last repeated.
+    else:
+      end = t if i == MAX_FRAMES - 1 else int(tick * (i + 1))
+      candidates = range(int(tick * i), end)
+    err = min(np.abs(frames[i] - ref_frames[j]).max() for j in candidates)
+    assert err <= ONE_LEVEL, (where, i, err)
+
+
 def test_train_batches_shapes_sampling_and_captions(train_batches, reference):
   videos = reference["train"]
   table = _video_of_tokens(videos)
@@ -167,19 +184,7 @@ def test_train_batches_shapes_sampling_and_captions(train_batches, reference):
     for row in range(4):
       v, c = table[batch["text"][row].tobytes()]
       per_epoch[-1][v] = c
-      ref = videos[v]["frames"]
-      t = len(ref)
-      np.testing.assert_array_equal(batch["frame_mask"][row], np.arange(MAX_FRAMES) < t)
-      frames = batch["frames"][row]
-      tick = t / MAX_FRAMES
-      for i in range(MAX_FRAMES):
-        if t <= MAX_FRAMES:
-          candidates = [min(i, t - 1)]  # All frames in order, then the last repeated.
-        else:
-          end = t if i == MAX_FRAMES - 1 else int(tick * (i + 1))
-          candidates = range(int(tick * i), end)
-        err = min(np.abs(frames[i] - ref[j]).max() for j in candidates)
-        assert err <= ONE_LEVEL, (step, row, v, i, err)
+      _assert_tsn_frames(batch, row, videos[v]["frames"], (step, row, v))
   # Each epoch shows every video once; the caption pick changes between epochs.
   assert [sorted(e) for e in per_epoch] == [list(range(24))] * 2
   two = [v for v in range(24) if len(videos[v]["captions"]) == 2]
@@ -237,6 +242,83 @@ def test_train_hosts_read_disjoint_halves(builder, reference):
   assert not seen[0] & seen[1]
   with pytest.raises(ValueError, match="divisible"):
     _train_stream(builder, global_batch_size=5, process_count=2)
+
+
+def _rows(batches, table):
+  """(video, caption) of every row of the batches, in stream order."""
+  return [table[b["text"][r].tobytes()] for b in batches for r in range(len(b["text"]))]
+
+
+@pytest.fixture(scope="session")
+def caption_batches(builder):
+  """Two epochs and a bit of the 'captions' stream (batches of 4)."""
+  pairs = int(pipeline.caption_counts(builder, "train").sum())
+  return pairs, list(itertools.islice(_train_stream(builder, examples="captions"),
+                                      2 * pairs // 4 + 2))
+
+
+def test_caption_counts(builder, reference):
+  counts = pipeline.caption_counts(builder, "train")
+  assert counts.dtype == np.int64
+  assert counts.tolist() == [len(v["captions"]) for v in reference["train"]]
+  assert pipeline.num_train_examples(builder, "train", "captions") == sum(counts)
+  assert pipeline.num_train_examples(builder, "train", "videos") == 24
+  with pytest.raises(ValueError, match="examples must be one of"):
+    pipeline.num_train_examples(builder, "train", "pairs")
+
+
+def test_captions_epoch_has_every_pair_once(caption_batches, reference):
+  videos = reference["train"]
+  table = _video_of_tokens(videos)
+  pairs, batches = caption_batches
+  every_pair = sorted(table.values())
+  assert pairs == len(every_pair) > 24  # More examples per epoch than videos.
+  rows = _rows(batches, table)
+  epochs = [rows[:pairs], rows[pairs:2 * pairs]]
+  assert [sorted(e) for e in epochs] == [every_pair] * 2  # Each pair once per epoch.
+  assert epochs[0] != epochs[1]  # Shuffled anew.
+  # An epoch is 2 passes over the videos (at most 2 captions each), a video at most once
+  # per pass: only a batch across one of the <= 5 pass boundaries read here can hold a
+  # video twice.
+  repeats = sum(len({v for v, _ in rows[i:i + 4]}) < 4 for i in range(0, len(rows), 4))
+  assert repeats <= 5
+  # Frames: a TSN sample of the pair's video, drawn anew for every example.
+  samples = collections.defaultdict(list)
+  for step, batch in enumerate(batches):
+    for row in range(4):
+      v, c = table[batch["text"][row].tobytes()]
+      _assert_tsn_frames(batch, row, videos[v]["frames"], (step, row, v))
+      samples[v].append(batch["frames"][row])
+  long_videos = [v for v in range(24) if len(videos[v]["frames"]) > MAX_FRAMES]
+  assert long_videos
+  assert any(not np.array_equal(samples[v][0], samples[v][1]) for v in long_videos)
+
+
+def test_captions_stream_is_deterministic_and_resumable(builder, caption_batches):
+  _, batches = caption_batches
+  resumed = list(itertools.islice(_train_stream(builder, examples="captions", start_step=8),
+                                  4))  # Crosses the first epoch's end (38 pairs / 4).
+  given = next(_train_stream(builder, examples="captions", max_captions=2))
+  for a, b in zip(resumed + [given], batches[8:12] + [batches[0]]):
+    for key in ("frames", "frame_mask", "text"):
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_captions_hosts_read_disjoint_videos(builder, reference):
+  table = _video_of_tokens(reference["train"])
+  counts = pipeline.caption_counts(builder, "train")
+  seen = []
+  for host in range(2):
+    host_pairs = sum(counts[12 * host:12 * host + 12])
+    stream = _train_stream(builder, resolution=16, process_index=host, process_count=2,
+                           examples="captions")
+    batches = list(itertools.islice(stream, -(-host_pairs // 2)))
+    assert all(b["frames"].shape == (2, MAX_FRAMES, 16, 16, 3) for b in batches)
+    rows = _rows(batches, table)[:host_pairs]
+    assert len(set(rows)) == host_pairs  # Every pair of this host's videos once.
+    seen.append({v for v, _ in rows})
+  assert len(seen[0]) == len(seen[1]) == 12
+  assert not seen[0] & seen[1]
 
 
 # ---------------------------------------------------------------------------------- eval

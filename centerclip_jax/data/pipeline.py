@@ -388,9 +388,10 @@ class EvalStream:
   num_examples: int
   num_batches: int
   keys: tuple[str, ...]
+  read: Callable[[tf.data.Dataset], Iterator] = tfds.as_numpy  # e.g. `read_numpy`
 
   def __iter__(self) -> Iterator[dict]:
-    return iter(tfds.as_numpy(self.dataset))
+    return iter(self.read(self.dataset))
 
   def __len__(self) -> int:
     return self.num_batches
@@ -453,7 +454,7 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
     meta = builder.as_dataset(
         split=sub, shuffle_files=False, read_config=tfds.ReadConfig(options=_options()),
         decoders=tfds.decode.PartialDecoding({"video_id": True, "captions": True}))
-    for local, example in enumerate(tfds.as_numpy(meta)):
+    for local, example in enumerate(read_numpy(builder, split, meta)):
       video_ids.append(example["video_id"].decode("utf-8"))
       for text in example["captions"]:
         captions.append(text.decode("utf-8"))
@@ -492,7 +493,7 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
 
   return EvalData(
       videos=EvalStream(videos.with_options(_options()), num_videos, video_batches,
-                        tuple(video_ids)),
+                        tuple(video_ids), read=lambda ds: read_numpy(builder, split, ds)),
       texts=EvalStream(texts.with_options(_options()), len(captions), text_batches,
                        tuple(captions)))
 

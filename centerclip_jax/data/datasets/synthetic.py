@@ -250,3 +250,15 @@ class SyntheticVideoText(tfds.core.GeneratorBasedBuilder):
     for index in range(count):
       example = video_example(self.builder_config, split, index, combos[index % len(combos)])
       yield example["video_id"], example
+
+
+def save_video(path: str, split: str = "test", index: int = 0, config: str = "default") -> str:
+  """Writes video `index` of `split` (the one the dataset holds) as uint8 frames
+  [T, H, W, 3] to `path` (.npy, which encode / search / visualize_clusters read);
+  returns its caption."""
+  config = next(c for c in SyntheticVideoText.BUILDER_CONFIGS if c.name == config)
+  combos = split_combinations(config.seed)[split]
+  example = video_example(config, split, index, combos[index % len(combos)])
+  np.save(path, np.stack(example["frames"]).astype(np.uint8))
+  return example["captions"][0]
+

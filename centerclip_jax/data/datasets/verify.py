@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 from typing import Sequence
 
@@ -45,8 +46,11 @@ class CorruptDataError(ValueError):
 
 
 def _first_line(e: Exception) -> str:
-  text = getattr(e, "message", None) or str(e)
-  return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+  """A TF error's message without its op and function-node decorations."""
+  text = (getattr(e, "message", None) or str(e)).strip()
+  text = text.splitlines()[0] if text else type(e).__name__
+  text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)
+  return re.sub(r"\s*\[Op:.*$", "", text).strip() or type(e).__name__
 
 
 def _check_frames(frames: tf.Tensor, decode: bool) -> str | None:
@@ -113,8 +117,13 @@ def rebuild_command(builder: tfds.core.DatasetBuilder) -> str:
   metadata = builder.info.metadata or {}
   manual_dir = metadata.get("manual_dir") or "RAW"
   decode = dict(metadata.get("decode", {}))
+  # data_dir is ROOT/<full_name> (name/config/version); a builder read from its folder
+  # has that folder as data_dir_root.
+  root = os.fspath(builder.data_dir)
+  for _ in builder.info.full_name.split("/"):
+    root = os.path.dirname(root)
   args = ["python", "tools/prepare_data.py", builder.name, "--manual_dir", manual_dir,
-          "--data_dir", os.fspath(builder.data_dir_root)]
+          "--data_dir", root]
   fps, short_side = decode.get("fps", DEFAULT_FPS), decode.get("short_side", DEFAULT_SHORT_SIDE)
   if float(fps) != DEFAULT_FPS:
     args += ["--fps", f"{float(fps):g}"]
