@@ -333,3 +333,50 @@ def test_msrvtt_steps_per_epoch_are_caption_pairs_over_batch(msrvtt_3_captions):
   c.train.global_batch_size = 10
   with pytest.raises(ValueError, match=r"larger than the 9 training \(video, caption\) pairs"):
     trainer._num_train_steps(c, builder, counts)
+
+
+# ----------------------------------------------------------------------------- input overlap
+
+
+def test_prefetch_to_mesh_keeps_the_next_batch_in_flight():
+  from centerclip_jax import parallel
+  mesh = parallel.make_mesh()
+  n = jax.device_count()
+  host = [{"x": np.full((2 * n, 3), i, np.float32), "m": np.arange(2 * n) % 2 == i % 2}
+          for i in range(5)]
+  for size, ahead in ((1, 0), (2, 1), (3, 2)):
+    pulled = []
+
+    def source():
+      for i, b in enumerate(host):
+        pulled.append(i)
+        yield b
+
+    out = []
+    for k, batch in enumerate(parallel.prefetch_to_mesh(source(), mesh, size=size)):
+      assert len(pulled) == min(k + 1 + ahead, len(host)), (size, k)
+      assert batch["x"].sharding == parallel.batch_sharding(mesh)
+      out.append(batch)
+    assert len(out) == len(host)
+    for got, want in zip(out, host):
+      np.testing.assert_array_equal(np.asarray(got["x"]), want["x"])
+      np.testing.assert_array_equal(np.asarray(got["m"]), want["m"])
+  with pytest.raises(ValueError, match="size must be >= 1"):
+    next(parallel.prefetch_to_mesh(iter(host), mesh, size=0))
+
+
+def test_step_timer_counts_finished_steps_and_leaves_out_pauses():
+  import time
+  from centerclip_jax.training import trainer
+  x = jnp.ones((256, 256))
+  jax.block_until_ready(x @ x)  # Backend start and compile stay out of the timed part.
+  timer = trainer.StepTimer()
+  for _ in range(4):
+    time.sleep(0.05)
+    timer.step()
+  timer.pause(x)
+  time.sleep(1.0)  # An eval: if counted, the step time would be >= 0.3 s.
+  timer.resume()
+  dt = timer.lap(x @ x)
+  assert 0.05 <= dt < 0.2, dt
+  assert timer.steps == 0  # A lap starts the next measurement.
