@@ -1,6 +1,7 @@
 r"""Speed and memory of the video tower with and without token clustering.
 
   python tools/benchmark.py [--quick] [--json OUT.json] [--archs ViT-B/32,ViT-B/16]
+  python tools/benchmark.py --vs-torch   # our ViT-B/32 tower vs the reference PyTorch one
 
 For each architecture (random weights at real shapes, 12 frames, 224 px) it compares the
 CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ and
@@ -88,23 +89,17 @@ def flops(compiled) -> float:
 
 
 def step_inputs(model, params, frames, mask):
-  """The real tokens `(x, frame_mask)` entering each clustering step of `model`."""
+  """The real tokens `(x, frame_mask)` entering each clustering step of `model`, as the
+  model's own forward pass sows them (`mutable=['intermediates']`)."""
 
-  def run(module, frames, mask):
-    visual = module.clip.visual
-    batch, num_frames = frames.shape[:2]
-    x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
-    steps = {s.block: s for s in module.steps}
-    inputs = []
-    for b in range(module.clip_config.vision_layers):
-      if b in steps:
-        inputs.append((x, mask))
-        x, mask = segments_lib.cluster_step(x, mask, steps[b], module.settings)
-      x = visual.block(b, x)
-    return inputs
+  def run(p, f, m):
+    _, state = model.apply({"params": p}, f, m, method=model.segment_features,
+                           mutable=["intermediates"])
+    sown = state["intermediates"]
+    return [(sown[f"cluster_step_{i}"][0]["tokens"], sown[f"cluster_step_{i}"][0]["frame_mask"])
+            for i in range(len(model.steps))]
 
-  return jax.jit(lambda p, f, m: model.apply({"params": p}, f, m, method=run))(
-      params, frames, mask)
+  return jax.jit(run)(params, frames, mask)
 
 
 def cluster_time(model, params, frames, mask, repeats: int) -> float:
@@ -189,6 +184,76 @@ def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
   return rows
 
 
+def vs_torch(batch: int = 4, frames: int = 12, repeats: int = 5, arch: str = "ViT-B/32"):
+  """Ours vs the reference PyTorch visual tower, same weights and videos, one process.
+
+  The reference is clip-anytorch's `clip.model.VisionTransformer` (random weights at the
+  real shapes, inside its `CLIP` so that `weights.porting` ports the state dict to ours);
+  torch gets as many threads as this process may use (what XLA:CPU's pool uses). Timed
+  round-robin: torch plain, ours plain, ours `B6-4,K`, ... Returns a dict of ms/video and
+  ratios (torch plain ms / ours ms) and the feature difference of the two plain towers.
+  """
+  from centerclip_jax.weights import porting  # pylint: disable=g-import-not-at-top
+  from centerclip_jax.weights import reference
+  ref = reference.reference_clip_module()
+  import torch  # pylint: disable=g-import-not-at-top
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  cfg = clip_lib.get_preset(arch)
+  torch.manual_seed(0)
+  torch_clip = ref.CLIP(cfg.embed_dim, cfg.image_resolution, cfg.vision_layers, cfg.vision_width,
+                        cfg.vision_patch_size, cfg.context_length, cfg.vocab_size,
+                        cfg.transformer_width, cfg.transformer_heads, cfg.transformer_layers)
+  torch_clip = torch_clip.float().eval()
+  tower = torch_clip.visual
+  state = {k: v.detach().numpy() for k, v in torch_clip.state_dict().items()}
+  _, params_clip, _, _ = porting.torch_to_flax(state)
+  params_clip = jax.tree.map(jnp.asarray, params_clip)
+  rng = np.random.default_rng(0)
+  res = cfg.image_resolution
+  video = rng.standard_normal((batch, frames, res, res, 3)).astype(np.float32)
+  mask = jnp.ones((batch, frames), bool)
+  images_nchw = torch.from_numpy(video.reshape(-1, res, res, 3).transpose(0, 3, 1, 2).copy())
+  video_j = jnp.asarray(video)
+
+  def torch_plain():
+    with torch.inference_mode():
+      f = tower(images_nchw).reshape(batch, frames, -1)
+      f = f / f.norm(dim=-1, keepdim=True)
+      f = f.mean(dim=1)
+      return f / f.norm(dim=-1, keepdim=True)
+
+  entries = [("torch plain", torch_plain)]
+  for name, overrides in variants(arch, quick=True)[:2]:
+    model = build(arch, overrides, "float32")
+    params = centerclip.init_params(model, jax.random.PRNGKey(0), params_clip)
+    fn = jax.jit(lambda p, f, m, model=model: model.apply(
+        {"params": p}, f, m, method=model.encode_video))
+    entries.append((f"ours {name}", lambda fn=fn, params=params: jax.block_until_ready(
+        fn(params, video_j, mask))))
+  ours_plain = np.asarray(entries[1][1]())
+  diff = float(np.max(np.abs(ours_plain - torch_plain().numpy())))
+  for _, f in entries:  # warm-up
+    f()
+  times = {name: [] for name, _ in entries}
+  for _ in range(repeats):
+    for name, f in entries:
+      tic = time.perf_counter()
+      f()
+      times[name].append(time.perf_counter() - tic)
+  ms = {name: 1e3 * statistics.median(t) / batch for name, t in times.items()}
+  out = {"arch": arch, "batch": batch, "frames": frames, "repeats": repeats,
+         "torch_threads": threads, "max_abs_diff_plain": diff, "ms_per_video": ms,
+         "ratio_vs_torch_plain": {n: ms["torch plain"] / v for n, v in ms.items()},
+         "load_average": os.getloadavg()}
+  for name, v in ms.items():
+    print(f"{name:28s} {v:8.1f} ms/video  {out['ratio_vs_torch_plain'][name]:5.2f}x torch plain",
+          flush=True)
+  print(f"plain towers: max |ours - torch| = {diff:.2e}; torch threads {threads}; "
+        f"load average {out['load_average'][0]:.2f}", flush=True)
+  return out
+
+
 HEADER = (f"{'arch':9s} {'config':22s} {'dtype':8s} {'ms/video':>9s} {'speedup':>8s} "
           f"{'ideal':>6s} {'GFLOP/v':>8s} {'clust%':>7s} {'train GB':>9s} {'mem ratio':>9s}")
 
@@ -219,7 +284,15 @@ def main():
   parser.add_argument("--dtypes", default=None,
                       help="train-memory dtypes; default float32,bfloat16 (float32 with --quick)")
   parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+  parser.add_argument("--vs-torch", action="store_true",
+                      help="only: our ViT-B/32 tower (plain and B6-4,49) vs the reference "
+                      "PyTorch tower, same weights, 4 videos x 12 frames, round-robin")
   args = parser.parse_args()
+  if args.vs_torch:
+    out = vs_torch(batch=args.batch or 4, repeats=args.repeats or 5)
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    return
   archs = [a for a in (args.archs or ("ViT-B/32" if args.quick else "ViT-B/32,ViT-B/16"))
            .split(",") if a]
   dtypes = (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")

@@ -6,6 +6,8 @@ from centerclip_jax.clustering.segments import ClusterSettings
 from centerclip_jax.clustering.segments import ClusterStep
 from centerclip_jax.clustering.segments import cluster_segments
 from centerclip_jax.clustering.segments import cluster_step
+from centerclip_jax.clustering.segments import cluster_step_with_info
+from centerclip_jax.clustering.segments import segment_mask
 from centerclip_jax.clustering.segments import plan_steps
 from centerclip_jax.clustering.spectral import spectral_cluster
 
@@ -14,6 +16,8 @@ __all__ = [
     "ClusterStep",
     "cluster_segments",
     "cluster_step",
+    "cluster_step_with_info",
+    "segment_mask",
     "kmedoids_pp",
     "pairwise_distances",
     "plan_steps",

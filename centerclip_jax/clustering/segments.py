@@ -229,6 +229,24 @@ def _cluster_means(points: jax.Array, assignment: jax.Array, k: int) -> jax.Arra
   return sums / jnp.maximum(counts, 1.0)[:, None]
 
 
+def segment_mask(frame_mask: jax.Array, frames_after: int) -> jax.Array:
+  """`[B, frames_before]` frame mask -> `[B, frames_after]` segment mask.
+
+  A segment's mask is the mask of its last frame (the original's rule). A video that
+  has a valid frame but would be left with no valid segment (fewer valid frames than one
+  segment holds: 1 or 2 decoded frames under `B6 - 4`) keeps its first segment valid:
+  that segment holds its real frames (short videos repeat their last frame), where the
+  original's rule gives a 0/0 = NaN embedding. Every other mask equals the original's;
+  a video with no valid frame at all (padding) stays all invalid.
+  """
+  b, frames_before = frame_mask.shape
+  valid = frame_mask.astype(bool)
+  last = valid.reshape(b, frames_after, frames_before // frames_after)[:, :, -1]
+  rescue = jnp.any(valid, axis=1) & ~jnp.any(last, axis=1)  # [B]
+  first = jnp.arange(frames_after) == 0
+  return (last | (rescue[:, None] & first[None, :])).astype(frame_mask.dtype)
+
+
 def _check_step_inputs(x, frame_mask, step, settings, cluster_embedding, train, rng):
   if not isinstance(step, ClusterStep):
     raise ValueError(f"cluster_step: step must be a ClusterStep, got {type(step)}.")
@@ -269,7 +287,23 @@ def cluster_step(x: jax.Array,
                  cluster_embedding: Optional[jax.Array] = None,
                  train: bool = False,
                  rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
-  """One clustering step on a batch of videos.
+  """One clustering step on a batch of videos: `cluster_step_with_info` without the info."""
+  x_out, mask_out, _ = cluster_step_with_info(
+      x, frame_mask, step, settings, cluster_embedding=cluster_embedding, train=train,
+      rng=rng)
+  return x_out, mask_out
+
+
+def cluster_step_with_info(
+    x: jax.Array,
+    frame_mask: jax.Array,
+    step: ClusterStep,
+    settings: ClusterSettings,
+    *,
+    cluster_embedding: Optional[jax.Array] = None,
+    train: bool = False,
+    rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """One clustering step on a batch of videos, and what it chose.
 
   Args:
     x: `[B*frames_before, 1+N', W]` tokens (CLS first), frames of a video contiguous.
@@ -281,8 +315,12 @@ def cluster_step(x: jax.Array,
     rng: PRNG key for sparse sampling in training.
   Returns:
     (x_out `[B*frames_after, 1+K', W]` in `x.dtype`, mask_out `[B, frames_after]` in
-    `frame_mask.dtype`); `K' = step.k`, or `N'` for pooling. A segment's mask is the
-    mask of its last frame.
+    `frame_mask.dtype`, masks as `segment_mask` says), and info: a dict with
+    'kept' `[S, K]` int32, the segment points each centre token comes from (medoids,
+    ascending, or the sparse samples; absent for pooling), 'sizes' `[S, K']` float32,
+    the input tokens each output token stands for (cluster members; `d` for pooling;
+    1 for sparse sampling), and for k-medoids++ / spectral 'assignment' `[S, M]` int32,
+    the cluster of every point. `S = B * frames_after`; points are frame-major.
   """
   x = jnp.asarray(x)
   frame_mask = jnp.asarray(frame_mask)
@@ -291,9 +329,10 @@ def cluster_step(x: jax.Array,
   d = step.segment_frames
   s = b * step.frames_after
   t, w = x.shape[1], x.shape[2]
-  mask_out = frame_mask.reshape(b, step.frames_after, d)[:, :, -1]
+  mask_out = segment_mask(frame_mask, step.frames_after)
   if settings.algo == "pooling":
-    return baselines.frame_pooling(x, d), mask_out
+    sizes = jnp.full((s, t - 1), float(d), jnp.float32)
+    return baselines.frame_pooling(x, d), mask_out, {"sizes": sizes}
 
   xs = x.reshape(s, d, t, w)
   cls = jnp.mean(xs[:, :, 0].astype(jnp.float32), axis=1).astype(x.dtype)  # [S, W]
@@ -302,6 +341,7 @@ def cluster_step(x: jax.Array,
     idx = baselines.sparse_sampling_indices(s, d * (t - 1), step.k, train=train,
                                             rng=rng)
     centres = jnp.take_along_axis(points, idx[:, :, None], axis=1)
+    info = {"kept": idx.astype(jnp.int32), "sizes": jnp.ones((s, step.k), jnp.float32)}
   else:
     assignment, medoids = cluster_segments(
         jax.lax.stop_gradient(points).astype(jnp.float32), step.k, settings, d)
@@ -310,6 +350,9 @@ def cluster_step(x: jax.Array,
           points, assignment, step.k).astype(x.dtype)
     else:
       centres = jnp.take_along_axis(points, medoids[:, :, None], axis=1)
+    sizes = jax.vmap(lambda a: jnp.bincount(a, length=step.k))(assignment)
+    info = {"assignment": assignment, "kept": medoids,
+            "sizes": sizes.astype(jnp.float32)}
   if cluster_embedding is not None:
     centres = (centres + cluster_embedding[None]).astype(x.dtype)
-  return jnp.concatenate([cls[:, None, :], centres], axis=1), mask_out
+  return jnp.concatenate([cls[:, None, :], centres], axis=1), mask_out, info

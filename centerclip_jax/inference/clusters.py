@@ -1,12 +1,9 @@
 """Which tokens each clustering step of a CenterCLIP model keeps, for given frames.
 
-`cluster_medoids(model, params, frames, frame_mask)` runs the model's own ViT modules
-(`clip.visual.embed`, `clip.visual.block`) up to each clustering step, groups the tokens
-into segments exactly as `clustering.segments.cluster_step` does (frame-major, spec
-section 2), and calls the same clustering function the step calls
-(`segments.cluster_segments`, i.e. `kmedoids_pp` or `spectral_cluster` vmapped over
-segments); the next step's input then comes from `segments.cluster_step` itself. So the
-medoids are those the model keeps.
+`cluster_medoids(model, params, frames, frame_mask)` runs the model's own forward pass
+(`CenterCLIP.segment_features`) with `mutable=['intermediates']` and reads the assignment
+and medoids that every clustering step sows (`cluster_step_<i>`). So the medoids are those
+the model keeps, and there is no second walk over the ViT blocks.
 
 Every point of every step is traced back to the input patch it came from (`sources`):
 at the first step a segment of `d` frames with `N` patches per frame has `M = d * N`
@@ -59,32 +56,13 @@ class StepClusters:
     return np.stack([src // self.tokens_per_frame, src % self.tokens_per_frame], axis=-1)
 
 
-def _clusters_per_step(module, frames, frame_mask):
-  """Inside `model.apply`: [(assignment [B*S, M], medoids [B*S, K])] of every step."""
-  batch, num_frames = frames.shape[:2]
-  visual = module.clip.visual
-  x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
-  mask = frame_mask
-  steps_at = {step.block: i for i, step in enumerate(module.steps)}
-  last = max(steps_at)
-  out = []
-  for b in range(last + 1):
-    if b in steps_at:
-      i = steps_at[b]
-      step = module.steps[i]
-      d = step.segment_frames
-      t, w = x.shape[1], x.shape[2]
-      points = x.reshape(batch * step.frames_after, d, t, w)[:, :, 1:]
-      points = points.reshape(batch * step.frames_after, d * (t - 1), w)
-      out.append(segments_lib.cluster_segments(
-          jax.lax.stop_gradient(points).astype(jnp.float32), step.k, module.settings, d))
-      if b == last:
-        break
-      embedding = module.cluster_embeddings[i] if module.cluster_embedding else None
-      x, mask = segments_lib.cluster_step(x, mask, step, module.settings,
-                                          cluster_embedding=embedding, train=False)
-    x = visual.block(b, x)
-  return out
+def _clusters_per_step(model, params, frames, frame_mask):
+  """[(assignment [B*S, M], medoids [B*S, K])] of every step, from the model's own pass."""
+  _, state = model.apply({"params": params}, frames, frame_mask,
+                         method=model.segment_features, mutable=["intermediates"])
+  sown = state["intermediates"]
+  return [(sown[f"cluster_step_{i}"][0]["assignment"], sown[f"cluster_step_{i}"][0]["kept"])
+          for i in range(len(model.steps))]
 
 
 def cluster_medoids(model, params: Any, frames, frame_mask) -> list[StepClusters]:
@@ -113,7 +91,7 @@ def cluster_medoids(model, params: Any, frames, frame_mask) -> list[StepClusters
       res, res, 3):
     raise ValueError(f"frames must be [B, {model.max_frames}, {res}, {res}, 3], got "
                      f"{frames.shape}")
-  run = jax.jit(lambda p, f, m: model.apply({"params": p}, f, m, method=_clusters_per_step))
+  run = jax.jit(lambda p, f, m: _clusters_per_step(model, p, f, m))
   per_step = jax.device_get(run(params, frames, jnp.asarray(frame_mask)))
 
   batch, n = frames.shape[0], model.clip_config.num_patches

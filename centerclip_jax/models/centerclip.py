@@ -91,27 +91,43 @@ class CenterCLIP(nn.Module):
     """frames [B, F, H, W, 3], frame_mask [B, F] -> ([B, S, D] float32, mask [B, S]).
 
     S is the number of segments after the last clustering step (F without clustering).
+    This is the one walk over the ViT blocks. Before block `b` a token-reduction step may
+    run (`_reduce`), which maps `(x, mask)` to fewer tokens and may return an additive
+    attention bias for the blocks after it. With `mutable=['intermediates']` every step
+    sows `cluster_step_<i>`: a dict with the step's input 'tokens' `[B*F_i, 1+N_i, W]`
+    and 'frame_mask' `[B, F_i]`, and the step's info (`segments.cluster_step_with_info`:
+    'kept', 'sizes', 'assignment'); without it, sowing costs nothing.
     """
     batch, num_frames = frames.shape[:2]
     if num_frames != self.max_frames:
       raise ValueError(f"expected {self.max_frames} frames per video, got {num_frames}")
     visual = self.clip.visual
     x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
-    mask = frame_mask
-    steps_at = {step.block: i for i, step in enumerate(self.steps)}
+    mask, bias = frame_mask, None
     for b in range(self.clip_config.vision_layers):
-      if b in steps_at:
-        i = steps_at[b]
-        rng = None
-        if train and self.settings.algo == "sparse_sampling":
-          rng = self.make_rng("cluster")
-        x, mask = segments_lib.cluster_step(
-            x, mask, self.steps[i], self.settings,
-            cluster_embedding=self.cluster_embeddings[i] if self.cluster_embedding else None,
-            train=train, rng=rng)
-      x = visual.block(b, x)
+      x, mask, bias = self._reduce(b, x, mask, bias, train)
+      x = visual.block(b, x, bias)
     features = visual.head(x[:, 0])
     return features.reshape(batch, -1, features.shape[-1]), mask
+
+  def _reduce(self, b: int, x, mask, bias, train: bool):
+    """The token reduction before block `b` (if any): (x, mask, bias) -> the same.
+
+    Clustering keeps no attention bias. Another reduction family (e.g. token merging
+    with proportional attention) would carry its token sizes in `bias` here.
+    """
+    i = next((i for i, step in enumerate(self.steps) if step.block == b), None)
+    if i is None:
+      return x, mask, bias
+    rng = None
+    if train and self.settings.algo == "sparse_sampling":
+      rng = self.make_rng("cluster")
+    x_out, mask_out, info = segments_lib.cluster_step_with_info(
+        x, mask, self.steps[i], self.settings,
+        cluster_embedding=self.cluster_embeddings[i] if self.cluster_embedding else None,
+        train=train, rng=rng)
+    self.sow("intermediates", f"cluster_step_{i}", dict(info, tokens=x, frame_mask=mask))
+    return x_out, mask_out, None
 
   def encode_video(self, frames, frame_mask, train: bool = False):
     """frames [B, F, H, W, 3] (CLIP-normalised), frame_mask [B, F] -> [B, D] normalised."""

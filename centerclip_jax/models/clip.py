@@ -258,9 +258,13 @@ class VisionTransformer(nn.Module):
     x = x + self.positional_embedding.astype(self.dtype)
     return self.ln_pre(x)
 
-  def block(self, i: int, x):
-    """Residual block `i` (0-based) on tokens [n, tokens, width]."""
-    return self.transformer.resblocks[i](x)
+  def block(self, i: int, x, bias=None):
+    """Residual block `i` (0-based) on tokens [n, tokens, width].
+
+    `bias`: optional additive attention bias broadcastable to [n, heads, tokens, tokens]
+    (e.g. `[n, 1, 1, tokens]` log token sizes for proportional attention).
+    """
+    return self.transformer.resblocks[i](x, bias)
 
   def head(self, cls_tokens):
     """cls_tokens [n, width] -> features [n, embed_dim] (float32, not normalised)."""
