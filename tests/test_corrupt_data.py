@@ -7,7 +7,6 @@ it (`pipeline.read_numpy`); `prepare_data --verify` lists every bad record.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from centerclip_jax.data import datasets, pipeline
 from centerclip_jax.data.datasets import common, verify
-from tests import video_fixtures as vf
+from tests import test_datasets, video_fixtures as vf
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = common.VideoTextConfig(fps=3, short_side=32)
@@ -144,15 +143,8 @@ def test_other_read_errors_are_not_blamed_on_the_data(clean):
     list(pipeline.read_numpy(builder, "train_9k", ds))
 
 
-def _prepare_data():
-  spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools" / "prepare_data.py")
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  return tool
-
-
 def test_prepare_data_verify_lists_bad_records(clean, tmp_path, capsys):
-  tool = _prepare_data()
+  tool = test_datasets._tool()  # tools/prepare_data.py
   args = ["msrvtt", "--short_side", "32", "--verify"]
   assert tool.main(args + ["--data_dir", str(clean[1])]) == 0
   assert "7 examples in 3 splits" in capsys.readouterr().out  # train_7k 2, train_9k 3, test_1k 2
