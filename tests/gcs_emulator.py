@@ -1,7 +1,8 @@
 """A local, in-memory GCS emulator for the tests (`gcp-storage-emulator`), in a child process.
 
 `python -m tests.gcs_emulator --bucket B --dir D` serves the GCS JSON API on 127.0.0.1 and
-writes `D/ready.json` with the addresses; it exits by itself when its parent process exits.
+writes `D/ready.json` with the addresses; it exits by itself when its parent process (or
+`--parent PID`) exits.
 
 TensorStore (under orbax) and gcsfs reach the emulator through `STORAGE_EMULATOR_HOST`
 (`centerclip_jax.paths` sets TensorStore's own variable from it). TensorFlow's C++ GCS file
@@ -156,10 +157,11 @@ class _Threading(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 def _patch_emulator() -> None:
-  """Two fixes to the emulator, for what the real service does.
+  """Three fixes to the emulator, for what the real service does.
 
   Empty media uploads (TF's `makedirs` writes a 0-byte `dir/`) failed; downloads lacked
-  the `x-goog-generation` header, which TensorStore reads (OCDBT manifests under orbax).
+  the `x-goog-generation` header, which TensorStore reads (OCDBT manifests under orbax);
+  TF's `storageLayout` query of a bucket was a 404.
   """
   from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import objects
@@ -184,14 +186,21 @@ def _patch_emulator() -> None:
       if handler is download:
         methods[method] = patched_download
 
+  def storage_layout(request, response, storage):
+    """GET b/BUCKET/storageLayout (TF asks it before writing): a flat-namespace bucket."""
+    response.json({"kind": "storage#storageLayout", "bucket": request.params["bucket_name"],
+                   "location": "US-CENTRAL1", "locationType": "region",
+                   "hierarchicalNamespace": {"enabled": False}})
 
-def serve(bucket: str, folder: pathlib.Path) -> None:
-  """Runs the emulator and the proxy until the parent process exits."""
+  server.HANDLERS = ((r"^/storage/v1/b/(?P<bucket_name>[-.\w]+)/storageLayout$",
+                      {"GET": storage_layout}),) + tuple(server.HANDLERS)
+
+
+def serve(bucket: str, folder: pathlib.Path, parent: int) -> None:
+  """Runs the emulator and the proxy until process `parent` exits."""
   from gcp_storage_emulator.server import create_server
 
   _patch_emulator()
-
-  parent = os.getppid()
   port = _free_port()
   emulator = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
   emulator.start()
@@ -205,10 +214,20 @@ def serve(bucket: str, folder: pathlib.Path) -> None:
   tmp = folder / "ready.json.tmp"
   tmp.write_text(json.dumps(ready))
   tmp.rename(folder / "ready.json")
-  while os.getppid() == parent:
+  while _alive(parent):
     time.sleep(0.5)
   proxy.shutdown()
   emulator.stop()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
 
 
 @dataclasses.dataclass
@@ -233,7 +252,8 @@ def start(bucket: str, folder: pathlib.Path, timeout: float = 60) -> Emulator:
   """Starts the child process and waits until it serves."""
   folder.mkdir(parents=True, exist_ok=True)
   process = subprocess.Popen(
-      [sys.executable, "-m", "tests.gcs_emulator", "--bucket", bucket, "--dir", str(folder)],
+      [sys.executable, "-m", "tests.gcs_emulator", "--bucket", bucket, "--dir", str(folder),
+       "--parent", str(os.getpid())],
       cwd=pathlib.Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
       stderr=open(folder / "emulator.log", "wb"))
   ready = folder / "ready.json"
@@ -259,8 +279,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--bucket", required=True)
   parser.add_argument("--dir", required=True, type=pathlib.Path)
+  parser.add_argument("--parent", type=int, default=os.getppid(),
+                      help="exit when this process exits (default: the parent)")
   args = parser.parse_args()
-  serve(args.bucket, args.dir)
+  serve(args.bucket, args.dir, args.parent)
 
 
 if __name__ == "__main__":
