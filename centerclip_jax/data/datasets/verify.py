@@ -105,7 +105,7 @@ def scan(builder: tfds.core.DatasetBuilder, splits: Sequence[str] | None = None,
   problems = []
   for split in splits:
     for shard in shards(builder, split):
-      if not os.path.exists(shard):
+      if not tf.io.gfile.exists(shard):  # Also gs:// paths.
         problems.append(Problem(split, shard, -1, "", "shard file is missing"))
       else:
         problems += scan_shard(builder, split, shard, decode=decode)
