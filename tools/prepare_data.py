@@ -93,7 +93,7 @@ def _check_args(args) -> str | None:
     return None
   if not args.manual_dir:
     return "--manual_dir is required (the folder with the downloaded annotations and videos)"
-  if not os.path.isdir(args.manual_dir):
+  if "://" not in args.manual_dir and not os.path.isdir(args.manual_dir):  # gs:// read by TF
     return f"--manual_dir {args.manual_dir} is not a folder"
   return None
 
