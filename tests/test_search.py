@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from centerclip_jax import config as config_lib
 from centerclip_jax.inference import encoder as encode
@@ -25,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
                            vision_patch_size=8, context_length=77, vocab_size=49408,
                            transformer_width=64, transformer_heads=1, transformer_layers=1)
-MODEL_FLAGS = ["--config.model.max_frames=4", "--config.model.target_frames_blocks=(4,2)",
+MODEL_FLAGS = ["--config.data.decode_short_side=32", "--config.model.max_frames=4",
+               "--config.model.target_frames_blocks=(4,2)",
                "--config.model.cluster_num_blocks=(16,8)"]
 CAPTIONS = ["a man is cooking", "two dogs play in the snow"]
 # Files of the test folder, in index (path) order; notes.txt is not a video.
@@ -39,6 +42,7 @@ def tiny_config(ckpt):
   c.model = config_lib.model_config(max_frames=4, num_blocks=2, tokens_per_frame=16)
   c.model.target_frames_blocks = (4, 2)
   c.model.cluster_num_blocks = (16, 8)
+  c.data.decode_short_side = 32  # the short side d.npy's frames are decoded at
   return c
 
 
@@ -298,3 +302,244 @@ def test_benchmark_query_runs():
   out = search.benchmark_query(num_videos=1000, clip_dims=dims, repeats=3)
   assert out["num_videos"] == 1000 and out["embed_dim"] == 32 and out["repeats"] == 3
   assert 0 < out["min_ms"] <= out["median_ms"] <= out["p90_ms"]
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def _damaged_copy(index, tmp_path, name="i"):
+  return copy_tree(index, tmp_path / name)
+
+
+def test_truncated_or_mismatched_index_is_refused_with_the_fix(built, tmp_path):
+  _, _, _, index, _ = built
+  fix = "--rebuild"
+  # A truncated manifest.
+  bad = _damaged_copy(index, tmp_path, "manifest")
+  text = (bad / index_lib.MANIFEST_FILE).read_text()
+  (bad / index_lib.MANIFEST_FILE).write_text(text[:len(text) // 2])
+  with pytest.raises(search.SearchIndexError, match=rf"manifest.json: truncated.*{fix}"):
+    search.Searcher.open(bad)
+  # A truncated embeddings file.
+  bad = _damaged_copy(index, tmp_path, "emb")
+  data = (bad / index_lib.EMBEDDINGS_FILE).read_bytes()
+  (bad / index_lib.EMBEDDINGS_FILE).write_bytes(data[:len(data) - 40])
+  with pytest.raises(search.SearchIndexError, match=rf"embeddings.npy: truncated.*{fix}"):
+    index_lib.load_index(bad)
+  # Rows that do not match the manifest: one row fewer; two entries on one row; the
+  # content changed under the same shape.
+  manifest, emb = index_lib.load_index(index)
+  bad = _damaged_copy(index, tmp_path, "rows")
+  np.save(bad / index_lib.EMBEDDINGS_FILE, emb[:-1])
+  with pytest.raises(search.SearchIndexError, match=rf"\(2, 32\) does not match.*3 rows.*{fix}"):
+    index_lib.load_index(bad)
+  bad = _damaged_copy(index, tmp_path, "dup")
+  m = json.loads((bad / index_lib.MANIFEST_FILE).read_text())
+  oks = [e for e in m["entries"] if e["status"] == "ok"]
+  oks[1]["row"] = oks[0]["row"]
+  (bad / index_lib.MANIFEST_FILE).write_text(json.dumps(m))
+  with pytest.raises(search.SearchIndexError, match=rf"do not number its 3 rows.*{fix}"):
+    index_lib.load_index(bad)
+  bad = _damaged_copy(index, tmp_path, "content")
+  np.save(bad / index_lib.EMBEDDINGS_FILE, emb[::-1].copy())
+  with pytest.raises(search.SearchIndexError, match=rf"content does not match.*{fix}"):
+    index_lib.load_index(bad)
+  # A non-finite row (written behind the manifest's back, sha256 updated to match).
+  bad = _damaged_copy(index, tmp_path, "nan")
+  nan = emb.copy()
+  nan[m["entries"][0]["row"] if m["entries"][0]["status"] == "ok" else 0] = np.nan
+  np.save(bad / index_lib.EMBEDDINGS_FILE, nan)
+  m = json.loads((bad / index_lib.MANIFEST_FILE).read_text())
+  m["embeddings_sha256"] = index_lib.store.array_sha256(nan)
+  (bad / index_lib.MANIFEST_FILE).write_text(json.dumps(m))
+  with pytest.raises(search.SearchIndexError, match=rf"1 non-finite rows.*a.mp4.*{fix}"):
+    index_lib.load_index(bad)
+
+
+def test_query_cli_damaged_index_is_one_line(built, tmp_path):
+  _, _, _, index, _ = built
+  bad = _damaged_copy(index, tmp_path)
+  (bad / index_lib.MANIFEST_FILE).write_text('{"format": 1, "entries": [')
+  proc = subprocess.run([sys.executable, "-m", "centerclip_jax.search", "query", "--index",
+                         str(bad), "a dog"], cwd=REPO, capture_output=True, text=True,
+                        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), timeout=300)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "truncated or not JSON" in errors[0] and "--rebuild" in errors[0]
+  assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_embedding_is_an_error_entry(built, monkeypatch, tmp_path):
+  _, ckpt, videos, _, _ = built
+  real = index_lib.parallel.jit_encoders
+
+  def nan_for_first_row(model, mesh=None):
+    video_fn, text_fn = real(model, mesh)
+    def video(params, frames, mask):
+      out = np.asarray(video_fn(params, frames, mask)).copy()
+      if frames.shape[0] and float(np.asarray(frames)[0, 0, 0, 0, 0]) == first[0]:
+        out[0] = np.nan
+      return out
+    return video, text_fn
+
+  # The first video in path order (a.mp4) gets a NaN embedding.
+  first = encode.file_inputs(str(videos / "a.mp4"), fps=3.0, short_side=32, max_frames=4,
+                             resolution=32)[0][0, 0, 0]
+  monkeypatch.setattr(index_lib.parallel, "jit_encoders", nan_for_first_row)
+  out = tmp_path / "index"
+  s = search.build_index(tiny_config(ckpt), videos, out, batch_size=1, workers=1,
+                         progress=False)
+  assert "a.mp4" in s.errors and "not finite" in s.errors["a.mp4"]
+  assert str(videos.resolve() / "a.mp4") in s.errors["a.mp4"]
+  manifest, emb = index_lib.load_index(out)
+  entry = {e["path"]: e for e in manifest["entries"]}["a.mp4"]
+  assert entry["status"] == "error" and "row" not in entry
+  assert emb.shape[0] == 2 and np.isfinite(emb).all()
+
+
+def test_lock_refuses_a_second_writer_and_takes_over_a_stale_lock(built, tmp_path, caplog):
+  _, ckpt, videos, index, _ = built
+  index2 = copy_tree(index, tmp_path / "i")
+  before = (index2 / index_lib.EMBEDDINGS_FILE).read_bytes()
+  with index_lib.store.IndexLock(index2):
+    assert index_lib.store.is_locked(index2)["pid"] == os.getpid()
+    with pytest.raises(search.SearchIndexError,
+                       match=rf"being written by another .*pid {os.getpid()} on "):
+      search.build_index(tiny_config(ckpt), videos, index2, rebuild=True, progress=False)
+  assert (index2 / index_lib.EMBEDDINGS_FILE).read_bytes() == before  # untouched
+  assert index_lib.store.is_locked(index2) is None
+  # A lock file left by a run that was killed (nobody holds its flock): taken over.
+  (index2 / index_lib.store.LOCK_FILE).write_text(json.dumps(
+      {"pid": 2 ** 22 + 7, "host": "gone", "started": 0}))
+  with caplog.at_level("WARNING"):
+    s = search.build_index(tiny_config(ckpt), videos, index2, progress=False)
+  assert len(s.reused) == 3 and "stale lock of pid 4194311" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_index_runs_at_once(built, tmp_path):
+  """Two CLI runs on one index: the second refuses with one line, the first finishes."""
+  _, ckpt, videos, _, _ = built
+  out = tmp_path / "index"
+  cmd = [sys.executable, "-m", "centerclip_jax.search", "index", "--config",
+         os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={ckpt}",
+         *MODEL_FLAGS, "--videos", str(videos), "--index", str(out), "--workers", "1"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    lock = out / index_lib.store.LOCK_FILE
+    for _ in range(600):
+      if lock.exists() and index_lib.store.is_locked(out):
+        break
+      assert first.poll() is None, first.communicate()
+      time.sleep(0.1)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    stdout, stderr = first.communicate(timeout=300)
+  finally:
+    first.kill()
+  assert second.returncode == 2
+  errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr[-2000:]
+  assert first.returncode == 0, stderr[-2000:]
+  manifest, emb = index_lib.load_index(out)  # complete and consistent
+  assert manifest["complete"] and emb.shape == (3, 32)
+
+
+def test_symlinks_outside_the_folder_are_not_followed(tmp_path):
+  root, outside = tmp_path / "videos", tmp_path / "outside"
+  (root / "sub").mkdir(parents=True)
+  (outside / "dir").mkdir(parents=True)
+  for p in (root / "a.npy", root / "sub" / "b.npy", outside / "x.npy", outside / "dir" / "y.npy"):
+    np.save(p, np.zeros((1, 2, 2, 3), np.uint8))
+  os.symlink(outside / "x.npy", root / "out.npy")
+  os.symlink(outside / "dir", root / "outdir")
+  os.symlink(root / "sub" / "b.npy", root / "in.npy")
+  os.symlink(root / "sub", root / "loop")  # inside, and a second way to the same folder
+  skipped = []
+  found = [f.path for f in search.scan_videos(root, skipped_links=skipped)]
+  assert found == ["a.npy", "in.npy", "sub/b.npy"]
+  assert sorted(skipped) == ["out.npy", "outdir"]
+  found = [f.path for f in search.scan_videos(root, follow_symlinks=True)]
+  assert found == ["a.npy", "in.npy", "out.npy", "outdir/y.npy", "sub/b.npy"]
+
+
+def test_thumbnails_and_frame_counts_in_the_manifest(built):
+  _, _, videos, index, _ = built
+  manifest, _ = index_lib.load_index(index)
+  for e in manifest["entries"]:
+    if e["status"] != "ok":
+      assert "thumb" not in e
+      continue
+    thumb = Image.open(index / e["thumb"])
+    clip = encode.load_frames(str(videos / e["path"]), fps=3.0, short_side=32, max_frames=4)
+    frames = clip.frames  # the frames the model was fed (before resize and crop)
+    assert thumb.size == (frames.shape[2], frames.shape[1]), e["path"]
+    # The middle one, JPEG-compressed.
+    mid = frames[len(frames) // 2].astype(np.float32)
+    assert np.abs(np.asarray(thumb, np.float32) - mid).mean() < 12, e["path"]
+    assert e["num_frames"] == clip.num_frames and e["frames_used"] == len(clip.indices) == min(
+        4, clip.num_frames)
+    assert e["truncated"] is False
+
+
+def test_ann_index_is_used_and_kept_current(built, tmp_path):
+  _, ckpt, videos, index, _ = built
+  index2 = copy_tree(index, tmp_path / "i")
+  s = search.build_index(tiny_config(ckpt), videos, index2, ann=True, progress=False)
+  assert s.embedded == [] and s.ann.startswith("faiss IVF1,Flat")
+  brute = search.Searcher.open(index)
+  ann = search.Searcher.open(index2)
+  assert ann.method.startswith("ann: faiss") and brute.method == "brute force (exact)"
+  for a, b in zip(ann.search(CAPTIONS, 3), brute.search(CAPTIONS, 3)):
+    assert [h.path for h in a.hits] == [h.path for h in b.hits]
+    np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-5)
+  # An ANN that no longer matches the embeddings is refused, and updates rebuild it.
+  manifest, emb = index_lib.load_index(index2)
+  meta = json.loads((index2 / "ann.json").read_text())
+  meta["embeddings_sha256"] = "0" * 64
+  (index2 / "ann.json").write_text(json.dumps(meta))
+  with pytest.raises(search.SearchIndexError, match=r"ann.faiss was built from other"):
+    search.Searcher.open(index2)
+  s = search.build_index(tiny_config(ckpt), videos, index2, progress=False)
+  assert s.ann and search.Searcher.open(index2).method.startswith("ann")
+
+
+def test_ann_recall_on_clustered_vectors():
+  from centerclip_jax.search import ann as ann_lib
+  rng = np.random.default_rng(0)
+  centers = rng.standard_normal((200, 64))
+  emb = centers[rng.integers(0, 200, 20_000)] + 0.5 * rng.standard_normal((20_000, 64))
+  emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+  queries = centers[rng.integers(0, 200, 200)] + 0.5 * rng.standard_normal((200, 64))
+  queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+  exact = np.argsort(-(queries.astype(np.float64) @ emb.T.astype(np.float64)), axis=1)[:, :10]
+  index = ann_lib.AnnIndex.from_embeddings(emb)
+  _, rows = index.search(queries, 10)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
+  assert recall >= 0.95, recall
+
+
+def test_chunked_brute_force_equals_the_full_product():
+  from centerclip_jax.search import query as query_lib
+  rng = np.random.default_rng(1)
+  emb = rng.integers(-3, 4, size=(1000, 16)).astype(np.float32)  # many tied scores
+  text = rng.integers(-3, 4, size=(5, 16)).astype(np.float32)
+  full = text.astype(np.float64) @ emb.T.astype(np.float64)
+  videos = query_lib.VideoEmbeddings(emb, chunk_rows=64)  # 16 chunks, the last one partial
+  assert videos.chunk_rows == 64
+  padded = np.concatenate([text, np.zeros((3, 16), np.float32)])  # 8 rows, 5 live
+  scores, rows = videos.top_k(padded, 5, 20)
+  for q in range(5):
+    np.testing.assert_array_equal(rows[q], search.top_k_indices(full[q], 20))
+    np.testing.assert_allclose(scores[q], full[q][rows[q]], rtol=1e-6)
+  # DSL chunk by chunk == dual softmax over the live queries of the full matrix.
+  emb_n = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  text_n = text / np.linalg.norm(text, axis=1, keepdims=True)
+  sims = text_n.astype(np.float64) @ emb_n.T.astype(np.float64)
+  dsl = sims * np.exp(100 * sims) / np.exp(100 * sims).sum(axis=0, keepdims=True)
+  scores, rows = query_lib.VideoEmbeddings(emb_n, chunk_rows=64).top_k(
+      np.concatenate([text_n, np.ones((3, 16), np.float32)]), 5, 10, dsl=True)
+  for q in range(5):
+    np.testing.assert_allclose(scores[q], np.sort(dsl[q])[::-1][:10], atol=1e-4)

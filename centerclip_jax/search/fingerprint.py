@@ -23,15 +23,24 @@ _SAMPLES = 16
 
 def _file_digest(h, path: pathlib.Path) -> None:
   """Adds a file's size and content to `h`: whole if small, else sampled blocks."""
-  size = path.stat().st_size
-  h.update(f"{size}:".encode())
-  with open(path, "rb") as f:
+  with path.open("rb") as f:  # a local or gs:// path
+    size = f.seek(0, 2)
+    f.seek(0)
+    h.update(f"{size}:".encode())
     if size <= _FULL_HASH_BYTES:
       h.update(f.read())
       return
     for i in range(_SAMPLES):
       f.seek((size - _SAMPLE_BLOCK) * i // (_SAMPLES - 1))
       h.update(f.read(_SAMPLE_BLOCK))
+
+
+def _all_files(root) -> list:
+  """Every file under `root` (a local or `gs://` epath; no `**` glob, which GCS refuses)."""
+  out = []
+  for p in root.iterdir():
+    out += _all_files(p) if p.is_dir() else [p]
+  return out
 
 
 def checkpoint_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -51,7 +60,7 @@ def checkpoint_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ident["step"] = source.step
   files_root = source.path
   h = hashlib.sha256()
-  for f in sorted(p for p in files_root.rglob("*") if p.is_file()):
+  for f in sorted(_all_files(files_root), key=str):
     h.update(f.relative_to(files_root).as_posix().encode() + b"\0")
     _file_digest(h, f)
   ident["digest"] = h.hexdigest()

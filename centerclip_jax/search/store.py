@@ -1,0 +1,258 @@
+"""The files of a search index: reading them (every fault named with its fix), writing them
+atomically, the writer's lock, and thumbnails.
+
+  embeddings.npy  float32 `[V, D]`, L2-normalised video embeddings;
+  manifest.json   one entry per video file (`path` relative to the videos folder, `size`,
+                  `mtime_ns`, `status` 'ok' with the `row` of its embedding and its
+                  `thumb`, or 'error' with the `error` message), the model `fingerprint`,
+                  `num_rows`, the embeddings' sha256, `complete`;
+  config.json     the config the videos were embedded with;
+  thumbs/         one JPEG per indexed video (a frame the model saw), named by path hash;
+  index.lock      held (flock) by the one `search index` run writing the index.
+
+`load_index` checks what a damaged index looks like: a truncated or non-JSON manifest, a
+truncated embeddings file, rows that do not match the manifest (count, row numbers, sha256)
+and non-finite rows; each is a `SearchIndexError` naming the file and `--rebuild`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import socket
+import time
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+EMBEDDINGS_FILE = "embeddings.npy"
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+LOCK_FILE = "index.lock"
+THUMBS_DIR = "thumbs"
+FORMAT_VERSION = 1
+REBUILD = ("rebuild it with `python -m centerclip_jax.search index --config CFG --videos DIR "
+           "--index {index} --rebuild`")
+
+
+class SearchIndexError(ValueError):
+  """An index directory that cannot be used as asked (wrong model, damaged, not an index)."""
+
+
+def _fix(index_dir) -> str:
+  return REBUILD.format(index=index_dir)
+
+
+def atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+  """Writes `path` through a temporary file, fsync and rename (readers see old or new)."""
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def array_sha256(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
+
+
+def thumb_name(path: str) -> str:
+  """File name (under thumbs/) of the thumbnail of the video at relative `path`."""
+  return hashlib.sha1(path.encode()).hexdigest()[:20] + ".jpg"
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(index_dir: os.PathLike) -> dict:
+  """manifest.json of an index directory (checked)."""
+  path = pathlib.Path(index_dir) / MANIFEST_FILE
+  if not path.is_file():
+    raise SearchIndexError(f"{index_dir}: no {MANIFEST_FILE}; not a search index (build "
+                           "one with `python -m centerclip_jax.search index ...`)")
+  try:
+    manifest = json.loads(path.read_text())
+  except (ValueError, OSError) as e:
+    raise SearchIndexError(f"{path}: truncated or not JSON ({e}); "
+                           f"{_fix(index_dir)}") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    raise SearchIndexError(f"{path}: not a format-{FORMAT_VERSION} index manifest; "
+                           f"{_fix(index_dir)}")
+  if not isinstance(manifest.get("entries"), list) or not all(
+      isinstance(e, dict) and "path" in e and "status" in e for e in manifest["entries"]):
+    raise SearchIndexError(f"{path}: its entries are damaged; {_fix(index_dir)}")
+  return manifest
+
+
+def read_config(index_dir: os.PathLike) -> ml_collections.ConfigDict:
+  path = pathlib.Path(index_dir) / CONFIG_FILE
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (ValueError, OSError) as e:
+    raise SearchIndexError(f"{path}: cannot read the index's config ({e}); "
+                           f"{_fix(index_dir)}") from None
+
+
+def ok_rows(manifest: dict) -> list[int]:
+  return [e.get("row") for e in manifest["entries"] if e["status"] == "ok"]
+
+
+def load_index(index_dir: os.PathLike, verify: bool = True) -> tuple[dict, np.ndarray]:
+  """(manifest, embeddings `[V, D]`) of an index, checked against each other.
+
+  `verify` also compares the embeddings' sha256 with the manifest's and checks that every
+  row is finite (about 1 s per million rows of 512).
+  """
+  manifest = read_manifest(index_dir)
+  path = pathlib.Path(index_dir) / EMBEDDINGS_FILE
+  try:
+    emb = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise SearchIndexError(f"{path}: truncated or unreadable ({e}); "
+                           f"{_fix(index_dir)}") from None
+  n = manifest.get("num_rows")
+  if emb.ndim != 2 or emb.dtype != np.float32 or len(emb) != n:
+    raise SearchIndexError(f"{path}: {emb.dtype} {emb.shape} does not match {MANIFEST_FILE} "
+                           f"({n} rows); {_fix(index_dir)}")
+  rows = ok_rows(manifest)
+  if sorted(r if isinstance(r, int) else -1 for r in rows) != list(range(n)):
+    raise SearchIndexError(f"{path}: the {len(rows)} 'ok' entries of {MANIFEST_FILE} do not "
+                           f"number its {n} rows 0..{n - 1} once each; {_fix(index_dir)}")
+  if verify:
+    if array_sha256(emb) != manifest.get("embeddings_sha256"):
+      raise SearchIndexError(f"{path}: content does not match {MANIFEST_FILE} (written by "
+                             f"another run, or damaged); {_fix(index_dir)}")
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if len(bad):
+      names = [e["path"] for e in manifest["entries"]
+               if e["status"] == "ok" and e["row"] in set(bad[:3].tolist())]
+      raise SearchIndexError(f"{path}: {len(bad)} non-finite rows (e.g. {names}); "
+                             f"{_fix(index_dir)}")
+  return manifest, emb
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save(index_dir: pathlib.Path, emb: np.ndarray, entries: dict[str, dict], header: dict,
+         complete: bool) -> None:
+  """Writes embeddings.npy, then manifest.json (the commit), each atomically."""
+  emb = np.ascontiguousarray(emb, np.float32)
+  atomic_write(index_dir / EMBEDDINGS_FILE, lambda f: np.save(f, emb, allow_pickle=False))
+  manifest = dict(header, format=FORMAT_VERSION, complete=complete, num_rows=len(emb),
+                  embeddings_sha256=array_sha256(emb),
+                  num_ok=sum(e["status"] == "ok" for e in entries.values()),
+                  num_errors=sum(e["status"] == "error" for e in entries.values()),
+                  entries=[entries[p] for p in sorted(entries)])
+  text = json.dumps(manifest, indent=1) + "\n"
+  atomic_write(index_dir / MANIFEST_FILE, lambda f: f.write(text), mode="w")
+
+
+def write_thumb(index_dir: pathlib.Path, path: str, jpeg: bytes) -> str:
+  """Stores a video's thumbnail; returns its name relative to the index directory."""
+  (index_dir / THUMBS_DIR).mkdir(exist_ok=True)
+  name = f"{THUMBS_DIR}/{thumb_name(path)}"
+  atomic_write(index_dir / name, lambda f: f.write(jpeg))
+  return name
+
+
+def prune_thumbs(index_dir: pathlib.Path, entries: dict[str, dict]) -> None:
+  """Deletes thumbnails no entry refers to (videos removed from the folder)."""
+  keep = {pathlib.PurePosixPath(e["thumb"]).name for e in entries.values() if e.get("thumb")}
+  folder = index_dir / THUMBS_DIR
+  if folder.is_dir():
+    for f in folder.iterdir():
+      if f.suffix == ".jpg" and f.name not in keep:
+        f.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- lock
+
+
+class IndexLock:
+  """The writer's lock of an index: `flock` on index.lock, which records pid and host.
+
+  The kernel drops the lock when its process dies, so a lock file left by a killed run is
+  stale by construction: the next run takes it over (and logs whose it was). A live holder
+  makes `acquire` raise a `SearchIndexError` naming its pid, host and start time.
+  """
+
+  def __init__(self, index_dir: os.PathLike):
+    self.path = pathlib.Path(index_dir) / LOCK_FILE
+    self._fd = None
+
+  def holder(self) -> dict:
+    try:
+      return json.loads(self.path.read_text() or "{}")
+    except (ValueError, OSError):
+      return {}
+
+  def acquire(self) -> "IndexLock":
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        h = self.holder()
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(h.get("started", 0)))
+        raise SearchIndexError(
+            f"--index {self.path.parent} is being written by another `search index` run "
+            f"(pid {h.get('pid', '?')} on {h.get('host', '?')}, since {since}); wait for it "
+            f"to finish, or use another --index directory") from None
+      try:  # The file may have been replaced between open and flock: lock the current one.
+        same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    old = self.holder()
+    if old.get("pid"):
+      logging.warning("%s: taking over a stale lock of pid %s on %s (that run is gone)",
+                      self.path, old.get("pid"), old.get("host"))
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    os.fsync(fd)
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)  # An empty lock file: nobody's (the file itself stays).
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def is_locked(index_dir: os.PathLike) -> dict | None:
+  """The holder (pid, host, started) when a live run holds the index's lock, else None."""
+  path = pathlib.Path(index_dir) / LOCK_FILE
+  if not path.exists():
+    return None
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return IndexLock(index_dir).holder() or {"pid": "?"}
+  finally:
+    os.close(fd)
+  return None
