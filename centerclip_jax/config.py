@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64          # videos (and captions) per eval batch, global
   c.eval.dsl = True               # also report dual-softmax re-scored metrics
   c.data = ml_collections.ConfigDict()
-  c.data.resolution = -1          # -1: the model's image resolution
+  c.data.decode_short_side = 224  # videos -> frames (encode, search): the datasets' short side
   c.data.shuffle_buffer = 2048
   c.data.train_examples = "captions"  # each (video, caption) pair per epoch ('videos': 1 per video)
   c.data.device_prefetch = 2      # global batches in flight to the devices (1: none ahead)

@@ -39,5 +39,6 @@ def get_config(arg: str = "centerclip"):
   c.train.eval_every_epochs = 100  # select on the final step; the test eval runs at the end
   c.eval.batch_size = 50
   c.data.shuffle_buffer = 2000
+  c.data.decode_short_side = 64   # the synthetic frames are 64 x 64
   c.data.train_examples = "videos"  # one random caption per video and epoch
   return c

@@ -47,6 +47,7 @@ def tiny_config(root):
   c.model = config_lib.model_config(max_frames=4, num_blocks=2, tokens_per_frame=16)
   c.model.target_frames_blocks = (4, 2)
   c.model.cluster_num_blocks = (16, 8)
+  c.data.decode_short_side = 32  # the short side a_frames.npy is decoded at
   return c
 
 
@@ -87,9 +88,9 @@ def test_bad_inputs_name_the_file(setup, tmp_path):
   wrong = tmp_path / "wrong.npy"
   np.save(wrong, np.zeros((4, 4, 3), np.float32))
   with pytest.raises(encode.InputError, match="wrong.npy"):
-    encode.load_frames(str(wrong), fps=3.0, resolution=32)
+    encode.load_frames(str(wrong), fps=3.0, short_side=32, max_frames=4)
   with pytest.raises(encode.InputError, match="no such file"):
-    encode.load_frames(str(tmp_path / "missing.mp4"), fps=3.0, resolution=32)
+    encode.load_frames(str(tmp_path / "missing.mp4"), fps=3.0, short_side=32, max_frames=4)
 
 
 def test_cli(setup, tmp_path):

@@ -13,9 +13,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from centerclip_jax.data import pipeline
-from centerclip_jax.data import video
+from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.data.datasets import synthetic  # noqa: F401  (registers the builder)
 from centerclip_jax.data.tokenizer import get_tokenizer
+from tests import frames_reference as ref
 
 MAX_FRAMES = 12
 MAX_WORDS = 32
@@ -36,7 +37,7 @@ def builder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(builder):
-  """Per split: videos in split order, frames decoded with PIL and preprocessed by video.py."""
+  """Per split: videos in split order, frames decoded and preprocessed with PIL (tests/)."""
   tokenize = get_tokenizer().tokenize
   out = {}
   for split in ("train", "test"):
@@ -47,7 +48,7 @@ def reference(builder):
       raw = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
                       for b in row["frames"]])
       captions = [c.decode() for c in row["captions"]]
-      videos.append({"frames": video.preprocess_frames(raw, RES), "captions": captions,
+      videos.append({"frames": ref.preprocess_frames(raw, RES), "captions": captions,
                      "tokens": tokenize(captions, MAX_WORDS)})
     out[split] = videos
   return out
@@ -80,7 +81,7 @@ def train_batches(builder):
 
 @tf.function
 def _tf_indices(num_frames, seed, max_frames, train):
-  return pipeline.frame_indices(num_frames, max_frames, train=train, seed=seed)
+  return frame_lib.frame_indices(num_frames, max_frames, train=train, seed=seed)
 
 
 def test_eval_sampling_equals_video_rule():
@@ -88,7 +89,7 @@ def test_eval_sampling_equals_video_rule():
     for num_frames in list(range(1, 40)) + [97, 1000, 3001]:
       got_i, got_m = _tf_indices(tf.constant(num_frames), tf.constant([0, 0], tf.int64),
                                  max_frames, False)
-      want_i, want_m = video.sample_frame_indices(num_frames, max_frames, train=False)
+      want_i, want_m = ref.sample_frame_indices(num_frames, max_frames, train=False)
       np.testing.assert_array_equal(got_i.numpy(), want_i, err_msg=f"{num_frames}")
       np.testing.assert_array_equal(got_m.numpy(), want_m)
 
@@ -102,7 +103,7 @@ def test_train_sampling_one_frame_per_segment():
                                   MAX_FRAMES, True)
       indices, mask = indices.numpy(), mask.numpy()
       if num_frames <= MAX_FRAMES:  # Short videos: all frames, then the last, masked.
-        want_i, want_m = video.sample_frame_indices(num_frames, MAX_FRAMES, train=True)
+        want_i, want_m = ref.sample_frame_indices(num_frames, MAX_FRAMES, train=True)
         np.testing.assert_array_equal(indices, want_i)
         np.testing.assert_array_equal(mask, want_m)
         continue
@@ -127,7 +128,7 @@ def test_train_sampling_one_frame_per_segment():
 
 def test_normalisation_of_one_frame():
   frame = np.random.default_rng(0).integers(0, 256, [1, RES, RES, 3], dtype=np.uint8)
-  got = pipeline.preprocess(tf.constant(frame), RES).numpy()
+  got = frame_lib.preprocess(tf.constant(frame), RES).numpy()
   want = (frame.astype(np.float32) / 255.0 - MEAN) / STD
   np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -140,8 +141,8 @@ def test_resize_and_crop_matches_video_preprocess(shape, res):
   coarse = rng.integers(0, 256, (2, shape[0] // 4 + 1, shape[1] // 4 + 1, 3), np.uint8)
   frames = np.stack([np.asarray(Image.fromarray(f).resize(shape[::-1], Image.BILINEAR))
                      for f in coarse])
-  got = pipeline.preprocess(tf.constant(frames), res).numpy()
-  want = video.preprocess_frames(frames, res)
+  got = frame_lib.preprocess(tf.constant(frames), res).numpy()
+  want = ref.preprocess_frames(frames, res)
   assert got.shape == want.shape == (2, res, res, 3)
   # Pure crops are exact; resizing may put a pixel one uint8 level from PIL's: rarely
   # when shrinking (PIL's two rounded passes are mirrored), often when enlarging.
@@ -209,7 +210,7 @@ def test_train_is_deterministic_and_resumable(builder, train_batches):
 
 def test_resuming_does_not_decode_skipped_examples(builder, monkeypatch):
   decoded = []
-  original = pipeline._load_frames
+  original = frame_lib.load_jpegs
 
   def counting(*args, **kwargs):
     out = original(*args, **kwargs)
@@ -217,7 +218,7 @@ def test_resuming_does_not_decode_skipped_examples(builder, monkeypatch):
     with tf.control_dependencies([tick]):
       return tf.identity(out)
 
-  monkeypatch.setattr(pipeline, "_load_frames", counting)
+  monkeypatch.setattr(frame_lib, "load_jpegs", counting)
   stream = _train_stream(builder, resolution=16, start_step=30)  # Skips 120 examples.
   next(stream)
   assert 4 <= len(decoded) < 60  # Only the batch and some read-ahead, not the 120.
@@ -351,7 +352,7 @@ def test_eval_single_host(eval_train_single, reference):
   masks = np.concatenate([b["frame_mask"] for b in video_batches])
   assert frames.shape == (25, MAX_FRAMES, RES, RES, 3) and frames.dtype == np.float32
   for v, item in enumerate(videos):
-    indices, mask = video.sample_frame_indices(len(item["frames"]), MAX_FRAMES, train=False)
+    indices, mask = ref.sample_frame_indices(len(item["frames"]), MAX_FRAMES, train=False)
     np.testing.assert_array_equal(masks[v], mask)
     np.testing.assert_allclose(frames[v], item["frames"][indices], atol=ONE_LEVEL)
   texts = np.concatenate([b["text"] for b in text_batches])

@@ -1,4 +1,5 @@
-"""Tests for centerclip_jax.data.video: decoding, frame sampling, preprocessing."""
+"""Tests of the decode: `data/video.py` (the datasets' decode) and `data/sampled_decode.py`
+(only the sampled frames, for encode / search / visualize)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from centerclip_jax.data import sampled_decode
 from centerclip_jax.data import video
+from tests import frames_reference as ref
 from tests import video_fixtures as vf
 
 
@@ -109,93 +112,6 @@ def test_window_after_end_raises(videos):
     video.decode_video(videos["mp4"], start_time=1.0, end_time=0.5)
 
 
-def test_sample_indices_eval_uniform():
-  indices, mask = video.sample_frame_indices(30, 12)
-  # tick = 2.5: int(1.25 + 2.5 i).
-  np.testing.assert_array_equal(indices, [1, 3, 6, 8, 11, 13, 16, 18, 21, 23, 26, 28])
-  assert mask.all() and indices.dtype == np.int32
-  indices, _ = video.sample_frame_indices(13, 4)  # tick 3.25: 1.625 + 3.25 i.
-  np.testing.assert_array_equal(indices, [1, 4, 8, 11])
-
-
-def test_sample_indices_match_reference_float_formula():
-  # The authors' expression in Python floats, including cases where it differs
-  # from exact arithmetic (T=12, M=7, i=3: 5.999... -> 5).
-  for t in range(13, 400, 7):
-    for m in (7, 12, 32):
-      if t <= m:
-        continue
-      tick = t / m
-      reference = [int(tick / 2 + tick * i) for i in range(m)]
-      np.testing.assert_array_equal(video.sample_frame_indices(t, m)[0], reference)
-  assert video.sample_frame_indices(12, 7)[0][3] == 5
-
-
-def test_sample_indices_short_video_pads_with_last():
-  indices, mask = video.sample_frame_indices(5, 8)
-  np.testing.assert_array_equal(indices, [0, 1, 2, 3, 4, 4, 4, 4])
-  np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0, 0, 0])
-  indices, mask = video.sample_frame_indices(8, 8)
-  np.testing.assert_array_equal(indices, np.arange(8))
-  assert mask.all()
-  train = video.sample_frame_indices(5, 8, train=True, rng=np.random.default_rng(0))
-  np.testing.assert_array_equal(train[0], indices[:5].tolist() + [4, 4, 4])
-
-
-def test_sample_indices_train_one_per_segment():
-  rng = np.random.default_rng(0)
-  seen = [set() for _ in range(12)]
-  for _ in range(200):
-    indices, mask = video.sample_frame_indices(30, 12, train=True, rng=rng)
-    assert mask.all()
-    for i, index in enumerate(indices):
-      lo, hi = int(2.5 * i), int(2.5 * (i + 1))  # Segment i of 30 / 12 frames.
-      assert lo <= index < hi
-      seen[i].add(int(index))
-  assert seen[0] == {0, 1} and seen[1] == {2, 3, 4} and seen[11] == {27, 28, 29}
-
-
-def test_sample_indices_bad_input():
-  with pytest.raises(ValueError):
-    video.sample_frame_indices(0, 12)
-  with pytest.raises(ValueError):
-    video.sample_frame_indices(10, 0)
-
-
-def test_preprocess_crop_and_normalise_by_hand():
-  frames = (np.arange(2 * 4 * 8 * 3) % 251).astype(np.uint8).reshape(2, 4, 8, 3)
-  out = video.preprocess_frames(frames, resolution=4)  # Short side already 4.
-  assert out.shape == (2, 4, 4, 3) and out.dtype == np.float32
-  crop = frames[:, :, 2:6].astype(np.float64)  # left = round((8 - 4) / 2) = 2.
-  mean = np.array([0.48145466, 0.4578275, 0.40821073])
-  std = np.array([0.26862954, 0.26130258, 0.27577711])
-  np.testing.assert_allclose(out, (crop / 255 - mean) / std, atol=1e-5)
-  odd = np.zeros([1, 4, 7, 3], np.uint8)
-  odd[0, :, 2] = 255  # Column 2 is the first of the crop (round(1.5) = 2).
-  out = video.preprocess_frames(odd, resolution=4)
-  np.testing.assert_allclose(out[0, :, 0, 0], (1 - mean[0]) / std[0], atol=1e-5)
-  np.testing.assert_allclose(out[0, :, 1, 0], (0 - mean[0]) / std[0], atol=1e-5)
-
-
-def test_preprocess_resizes_shorter_side():
-  flat = np.empty([1, 48, 64, 3], np.uint8)
-  flat[...] = (200, 100, 50)
-  out = video.preprocess_frames(flat, resolution=32)
-  expected = (np.array([200, 100, 50]) / 255 - video.CLIP_MEAN) / video.CLIP_STD
-  np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
-  ramp = np.broadcast_to(np.linspace(0, 255, 64).astype(np.uint8)[None, None, :, None],
-                         [1, 48, 64, 3]).copy()
-  out = video.preprocess_frames(ramp, resolution=24)  # -> 24 x 32, crop columns 4..28.
-  assert out.shape == (1, 24, 24, 3)
-  assert np.all(np.diff(out[0, 12, :, 0]) > 0)
-  # Output column 0 = resized column 4, centred on source x = 2 * 4.5 - 0.5 = 8.5,
-  # where the ramp is 255 * 8.5 / 63 = 34.4.
-  first = (out[0, 12, 0, 0] * video.CLIP_STD[0] + video.CLIP_MEAN[0]) * 255
-  assert abs(first - 34.4) < 1.5
-  with pytest.raises(ValueError, match="uint8"):
-    video.preprocess_frames(flat.astype(np.float32))
-
-
 def test_encode_video_jpeg_and_cache(videos, tmp_path):
   request = video.JpegRequest(path=str(videos["mp4"]), fps=3, short_side=32,
                               cache_dir=str(tmp_path / "cache"))
@@ -218,3 +134,103 @@ def test_encode_video_jpeg_reports_errors(videos, tmp_path):
         path=str(videos[kind]), cache_dir=str(tmp_path)))
     assert result.error and str(videos[kind]) in result.error and not result.jpegs
   assert os.listdir(tmp_path) == []  # Failures are not cached.
+
+
+# --------------------------------------------------------------- sampled decode (inference)
+
+# (suffix, codec): containers with an index (mp4, mov, avi, mkv, webm) and one without
+# (MPEG-TS: seeks land anywhere, so the decode falls back to streaming).
+CONTAINERS = [(".mp4", "libx264"), (".mov", "libx264"), (".avi", "mpeg4"), (".avi", "mjpeg"),
+              (".mkv", "libx264"), (".webm", "libvpx"), (".webm", "libvpx-vp9"),
+              (".ts", "libx264")]
+# decode_sampled options -> the method it must use on an indexed container.
+MODES = {"seek": (dict(seek_after_s=0.0), "seek"),
+         "seek_each_frame": (dict(seek_after_s=0.0, max_gap_s=0.0), "seek"),
+         "stream_one_pass": (dict(seek_after_s=1e9), "stream"),
+         "stream_two_passes": (dict(seek_after_s=1e9, keep_limit=5), "stream")}
+
+
+@pytest.fixture(scope="module")
+def containers(tmp_path_factory):
+  """8 s, 25 fps, keyframe every second, a moving pattern (every frame differs)."""
+  root = tmp_path_factory.mktemp("containers")
+  return {(suffix, codec): vf.write_video(
+      root / f"{codec}{suffix}", num_frames=200, fps=25, width=48, height=32, seed=i,
+      pattern="moving", codec=codec, gop=25) for i, (suffix, codec) in enumerate(CONTAINERS)}
+
+
+def _eval_choice(max_frames):
+  """The eval sampling rule (independent reference): distinct indices of T frames."""
+  return lambda t: ref.sample_frame_indices(t, max_frames)[0][:min(t, max_frames)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("container", CONTAINERS, ids=lambda c: f"{c[1]}{c[0]}")
+def test_sampled_decode_equals_decoding_everything(containers, container, mode):
+  """The frames equal those of the current rule: decode all at fps, then int(tick/2 + tick*i)."""
+  path = containers[container]
+  options, method = MODES[mode]
+  for fps, max_frames in ((3.0, 12), (3.0, 30), (7.0, 5)):
+    everything, _ = video.decode_video(path, fps=fps, short_side=24)
+    want = _eval_choice(max_frames)(len(everything))
+    got = sampled_decode.decode_sampled(path, fps=fps, short_side=24,
+                                        choose=_eval_choice(max_frames), **options)
+    assert got.method == ("stream" if container[0] == ".ts" else method)
+    assert got.num_frames == len(everything) == got.expected_frames
+    assert not got.truncated
+    np.testing.assert_array_equal(got.indices, want)
+    np.testing.assert_array_equal(got.frames, everything[want])  # Pixel for pixel.
+    assert got.frames.shape == (len(want), 24, 36, 3) and got.frames.dtype == np.uint8
+
+
+def test_sampled_decode_short_videos_and_upsampling(videos):
+  for kind in ("one", "two", "2fps", "mp4"):
+    everything, _ = video.decode_video(videos[kind], fps=3, short_side=None)
+    for options, _ in MODES.values():
+      got = sampled_decode.decode_sampled(videos[kind], fps=3, short_side=None,
+                                          choose=_eval_choice(4), **options)
+      want = _eval_choice(4)(len(everything))
+      np.testing.assert_array_equal(got.frames, everything[want], err_msg=kind)
+      assert got.num_frames == len(everything)
+
+
+@pytest.mark.parametrize("codec,suffix", [("mpeg4", ".avi"), ("mjpeg", ".avi"),
+                                          ("libx264", ".mkv"), ("libvpx-vp9", ".webm")])
+def test_truncated_stream_uses_what_decodes_and_says_so(tmp_path, codec, suffix):
+  whole = vf.write_video(tmp_path / f"whole{suffix}", num_frames=250, fps=25, width=48,
+                         height=32, pattern="moving", codec=codec, gop=25)
+  cut = vf.write_truncated(tmp_path / f"cut{suffix}", whole,
+                           keep_bytes=int(0.3 * whole.stat().st_size))
+  for options, _ in MODES.values():
+    got = sampled_decode.decode_sampled(cut, fps=3, short_side=None, choose=_eval_choice(12),
+                                        **options)
+    assert got.truncated and got.method == "stream"
+    assert 1 <= got.num_frames < 30 and len(got.frames) == min(12, got.num_frames)
+    # The frames are the decodable start of the whole video's at 3 fps (the last one may be
+    # only partly decoded), and those of the full decode where that does not fail.
+    everything, _ = video.decode_video(whole, fps=3, short_side=None)
+    np.testing.assert_array_equal(got.frames[:-1], everything[got.indices[:-1]])
+    try:
+      cut_frames, _ = video.decode_video(cut, fps=3, short_side=None)
+    except video.VideoDecodeError:  # The datasets' decode rejects what fails part-way.
+      continue
+    assert len(cut_frames) == got.num_frames
+    np.testing.assert_array_equal(got.frames, cut_frames[got.indices])
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("missing", "not found"), ("garbage", "cannot decode"),
+    ("truncated", "cannot decode"), ("zero", "no frames")])
+def test_sampled_decode_bad_videos_name_the_file(videos, kind, message):
+  with pytest.raises(video.VideoDecodeError, match=message) as info:
+    sampled_decode.decode_sampled(videos[kind], fps=3, short_side=32, choose=_eval_choice(4))
+  assert str(videos[kind]) in str(info.value)
+
+
+@pytest.mark.parametrize("fps", [0, -1.0])
+def test_fps_must_be_positive(videos, fps):
+  with pytest.raises(ValueError, match="fps must be > 0"):
+    sampled_decode.decode_sampled(videos["mp4"], fps=fps, short_side=32,
+                                  choose=_eval_choice(4))
+  with pytest.raises(ValueError, match="fps must be > 0"):
+    video.decode_video(videos["mp4"], fps=fps)

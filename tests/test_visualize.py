@@ -18,7 +18,7 @@ from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax import config as config_lib
 from centerclip_jax.inference import encoder as encode
 from centerclip_jax.clustering import kmedoids
-from centerclip_jax.data import video as video_lib
+from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 from centerclip_jax.weights import loading
@@ -51,6 +51,7 @@ def tiny_config(ckpt):
   c.model = config_lib.model_config(max_frames=4, num_blocks=3, tokens_per_frame=N)
   c.model.target_frames_blocks = TFB
   c.model.cluster_num_blocks = CNB
+  c.data.decode_short_side = RES
   return c
 
 
@@ -63,8 +64,8 @@ def setup(tmp_path_factory):
                                      pattern="moving")
   config = tiny_config(root / "clip")
   model, model_params = loading.load_model(config)
-  frames, mask = encode.video_inputs(encode.load_frames(str(video), fps=3.0, resolution=RES),
-                                     4, RES)
+  frames, mask, _ = encode.file_inputs(str(video), fps=3.0, short_side=RES, max_frames=4,
+                                       resolution=RES)
   steps = cluster_inspect.cluster_medoids(model, model_params, frames[None], mask[None])
   return root, video, model_params, frames, steps
 
@@ -118,8 +119,8 @@ def test_cli_draws_medoid_outlines(setup, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(p.name for p in out.iterdir()) == [
       "step1_segment0.png", "step1_segment1.png", "step2_segment0.png"]
-  mean = np.asarray(video_lib.CLIP_MEAN, np.float32)
-  std = np.asarray(video_lib.CLIP_STD, np.float32)
+  mean = np.asarray(frame_lib.CLIP_MEAN, np.float32)
+  std = np.asarray(frame_lib.CLIP_STD, np.float32)
   rgb = np.clip(np.round((frames * std + mean) * 255), 0, 255)  # the input frames in RGB
   for i, sc in enumerate(steps, start=1):
     for s in range(sc.medoids.shape[1]):

@@ -22,7 +22,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-_CODECS = {".mp4": "libx264", ".avi": "mpeg4", ".mkv": "ffv1", ".mov": "libx264"}
+_CODECS = {".mp4": "libx264", ".avi": "mpeg4", ".mkv": "ffv1", ".mov": "libx264",
+           ".webm": "libvpx-vp9", ".ts": "libx264"}
 
 
 def frame_level(i: int, num_frames: int) -> int:
@@ -43,17 +44,25 @@ def video_level(seed: int) -> int:
 
 
 def write_video(path, *, num_frames: int = 20, fps: int = 10, width: int = 64,
-                height: int = 48, seed: int = 0, pattern: str = "flat") -> Path:
-  """Writes a video (codec from the suffix: mp4/mov h264, avi mpeg4, mkv ffv1)."""
+                height: int = 48, seed: int = 0, pattern: str = "flat",
+                codec: str | None = None, gop: int | None = None,
+                noise: float = 4.0) -> Path:
+  """Writes a video (codec from the suffix unless given: mp4/mov/ts h264, avi mpeg4,
+  mkv ffv1, webm vp9); `gop`: frames between keyframes (the codec's default if None);
+  `noise`: the standard deviation (uint8 levels) of the "moving" pattern's pixel noise."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
+  codec = codec or _CODECS[path.suffix]
   with av.open(str(path), "w") as container:
-    stream = container.add_stream(_CODECS[path.suffix], rate=fps)
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    if path.suffix in (".mp4", ".mov"):
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    if gop is not None:
+      stream.gop_size = gop
+    if codec == "libx264":
       stream.options = {"crf": "12"}
-    elif path.suffix == ".avi":
+    elif codec in ("mpeg4", "mjpeg", "libvpx", "libvpx-vp9"):
       stream.bit_rate = 4_000_000
     for i in range(num_frames):
       if pattern == "flat":
@@ -65,7 +74,7 @@ def write_video(path, *, num_frames: int = 20, fps: int = 10, width: int = 64,
         y, x = np.mgrid[0:height, 0:width]
         phase = 2 * np.pi * (x / width + y / (2 * height) + i / max(1, num_frames))
         base = 127 + 100 * np.stack([np.sin(phase), np.sin(phase + 2), np.sin(phase + 4)], -1)
-        arr = np.clip(base + rng.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+        arr = np.clip(base + rng.normal(0, noise, base.shape), 0, 255).astype(np.uint8)
       frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
       frame.pts, frame.time_base = i, Fraction(1, fps)
       for packet in stream.encode(frame):

@@ -34,7 +34,7 @@ from PIL import ImageDraw
 from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax import config as config_lib
 from centerclip_jax.inference import encoder as encode
-from centerclip_jax.data import video as video_lib
+from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.weights import loading
 
 OUTLINE = (255, 255, 255)
@@ -55,8 +55,8 @@ def palette(k: int) -> np.ndarray:
 
 def unnormalize(frames: np.ndarray) -> np.ndarray:
   """CLIP-normalised float frames `[..., H, W, 3]` -> uint8 RGB."""
-  mean = np.asarray(video_lib.CLIP_MEAN, np.float32)
-  std = np.asarray(video_lib.CLIP_STD, np.float32)
+  mean = np.asarray(frame_lib.CLIP_MEAN, np.float32)
+  std = np.asarray(frame_lib.CLIP_STD, np.float32)
   return np.clip(np.round((frames * std + mean) * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -122,8 +122,9 @@ def visualize(config, video: str, output: str, *, fps: float = 3.0, scale: int =
   cfg = model.clip_config
   res, patch = cfg.image_resolution, cfg.vision_patch_size
   scale = scale if scale > 0 else max(1, 224 // res)
-  frames, mask = encode.video_inputs(encode.load_frames(video, fps=fps, resolution=res),
-                                     model.max_frames, res)
+  frames, mask, _ = encode.file_inputs(video, fps=fps,
+                                       short_side=config.data.decode_short_side,
+                                       max_frames=model.max_frames, resolution=res)
   steps = cluster_inspect.cluster_medoids(model, params, frames[None], mask[None])
   rgb = unnormalize(frames)
   out_dir = pathlib.Path(output)

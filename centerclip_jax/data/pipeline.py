@@ -2,15 +2,9 @@
 
 Every builder writes the schema of `datasets/features.py` (frames as a sequence of JPEG
 images). Frames are loaded undecoded (`tfds.decode.SkipDecoding`) and only the sampled ones
-are decoded. The sampling and preprocessing rules are TF mirrors of
-`video.sample_frame_indices` and `video.preprocess_frames`:
-
-* Train: TSN, one random frame from each of `max_frames` equal segments; eval: the centre
-  rule `int(tick / 2 + tick * i)`. A video with T <= max_frames gives all T frames, then
-  the last frame repeated and masked out (`frame_mask` False).
-* Shorter side -> `resolution` (bicubic as PIL, within one uint8 level; skipped when the
-  size already matches), centre crop, [0, 1], CLIP mean/std. The same in training and
-  eval, as in CenterCLIP.
+are decoded, by the one frame path of `frames.py` (the one `encode` and search use):
+TSN sampling for training, the centre rule for eval; shorter side -> `resolution`, centre
+crop, CLIP mean/std, the same in training and eval, as in CenterCLIP.
 
 Training streams are infinite, deterministic given `seed`, and resumable: the stream read
 from `start_step` equals the tail of the stream read from 0, and the skipped examples are
@@ -35,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from centerclip_jax.data import video
+from centerclip_jax.data import frames as frame_lib
 
 # texts, max_words -> int32 [len(texts), max_words].
 TokenizeFn = Callable[[Sequence[str], int], np.ndarray]
@@ -78,108 +72,6 @@ def _check_positive(**values: int) -> None:
   for name, value in values.items():
     if value < 1:
       raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def frame_indices(num_frames: tf.Tensor, max_frames: int, *, train: bool,
-                  seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-  """TF version of `video.sample_frame_indices`: (int32 [max_frames], bool [max_frames]).
-
-  `seed` is a stateless seed (int64 [2]), required when `train`.
-  """
-  t = tf.cast(num_frames, tf.int64)
-  positions = tf.range(max_frames, dtype=tf.int64)
-  short_indices = tf.minimum(positions, t - 1)
-  tick = tf.cast(t, tf.float64) / float(max_frames)
-  i = tf.cast(positions, tf.float64)
-  if train:
-    if seed is None:
-      raise ValueError("frame_indices(train=True) needs a stateless seed")
-    starts = tf.cast(tick * i, tf.int64)
-    ends = tf.concat([tf.cast(tick * (i[:-1] + 1.0), tf.int64), t[None]], axis=0)
-    lengths = tf.maximum(ends - starts, 1)
-    u = tf.random.stateless_uniform([max_frames], seed=seed, dtype=tf.float64)
-    offsets = tf.minimum(tf.cast(u * tf.cast(lengths, tf.float64), tf.int64), lengths - 1)
-    long_indices = starts + offsets
-  else:
-    long_indices = tf.cast(tick / 2.0 + tick * i, tf.int64)
-  is_long = t > max_frames
-  indices = tf.where(is_long, long_indices, short_indices)
-  mask = tf.logical_or(is_long, positions < t)
-  return tf.cast(indices, tf.int32), mask
-
-
-# ------------------------------------------------------------------- decode, preprocess
-
-
-def resize_and_crop(frames: tf.Tensor, resolution: int) -> tf.Tensor:
-  """Shorter side -> resolution, centre crop: uint8 [n, H, W, 3] -> uint8 [n, R, R, 3].
-
-  Mirrors `video.preprocess_frames` (PIL bicubic, longer side floored, crop offsets
-  rounded half to even). Shrinking follows PIL's two antialiased passes (width, then
-  height, rounding to uint8 in between); enlarging is one plain bicubic pass (Keys a=-0.5,
-  half-pixel centres; 5-10x faster than antialiased passes). Either way a pixel is at
-  most one uint8 level from PIL's (shrinking: well under 1% of pixels off, enlarging:
-  about 20%). Frames that already have the target size are only cropped.
-  """
-  shape = tf.shape(frames)
-  h, w = shape[1], shape[2]
-  hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-  long_h = tf.maximum(1, tf.cast(resolution * hf / wf, tf.int32))
-  long_w = tf.maximum(1, tf.cast(resolution * wf / hf, tf.int32))
-  new_h = tf.where(h <= w, resolution, long_h)
-  new_w = tf.where(h <= w, long_w, resolution)
-
-  def to_uint8(x):
-    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
-
-  def shrink():
-    x = tf.cond(new_w < w, lambda: to_uint8(tf.image.resize(
-        frames, tf.stack([h, new_w]), method="bicubic", antialias=True)), lambda: frames)
-    return tf.cond(new_h < h, lambda: to_uint8(tf.image.resize(
-        x, tf.stack([new_h, new_w]), method="bicubic", antialias=True)), lambda: x)
-
-  def enlarge():
-    return to_uint8(tf.image.resize(frames, tf.stack([new_h, new_w]), method="bicubic"))
-
-  def keep():
-    return frames
-
-  frames = tf.case([(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), keep),
-                    (new_h < h, shrink)], default=enlarge)
-  # Python's round() (half to even) of (n - R) / 2, as torchvision's CenterCrop.
-  top = tf.cast(tf.round(tf.cast(new_h - resolution, tf.float32) / 2.0), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_w - resolution, tf.float32) / 2.0), tf.int32)
-  crop = frames[:, top:top + resolution, left:left + resolution, :]
-  return tf.ensure_shape(crop, [None, resolution, resolution, 3])
-
-
-def normalize(frames: tf.Tensor) -> tf.Tensor:
-  """uint8 [..., 3] -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, as one multiply-add."""
-  std = np.asarray(video.CLIP_STD, np.float64)
-  scale = tf.constant(1.0 / (255.0 * std), tf.float32)
-  bias = tf.constant(-np.asarray(video.CLIP_MEAN, np.float64) / std, tf.float32)
-  return tf.cast(frames, tf.float32) * scale + bias
-
-
-def preprocess(frames: tf.Tensor, resolution: int) -> tf.Tensor:
-  """TF version of `video.preprocess_frames`: uint8 [n, H, W, 3] -> float32 [n, R, R, 3]."""
-  return normalize(resize_and_crop(frames, resolution))
-
-
-def _load_frames(jpegs: tf.Tensor, indices: tf.Tensor, mask: tf.Tensor,
-                 resolution: int) -> tf.Tensor:
-  """Decodes only the distinct sampled frames; [max_frames, R, R, 3] float32."""
-  distinct = tf.reduce_sum(tf.cast(mask, tf.int32))  # Valid entries are distinct frames.
-  chosen = tf.gather(jpegs, indices[:distinct])
-  decoded = tf.map_fn(
-      lambda b: tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE"),
-      chosen, fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-  frames = resize_and_crop(decoded, resolution)
-  repeat_last = tf.minimum(tf.range(tf.size(indices)), distinct - 1)
-  return normalize(tf.gather(frames, repeat_last))
 
 
 def _num_frames(example: dict) -> tf.Tensor:
@@ -322,8 +214,9 @@ def train_tf_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_ba
       tf.debugging.assert_positive(count, message="video without captions")
       pick = tf.random.stateless_uniform([], caption_key, minval=0, maxval=count,
                                          dtype=tf.int32)
-    indices, mask = frame_indices(_num_frames(example), max_frames, train=True, seed=frames_key)
-    return {"frames": _load_frames(example["frames"], indices, mask, resolution),
+    indices, mask = frame_lib.frame_indices(_num_frames(example), max_frames, train=True,
+                                            seed=frames_key)
+    return {"frames": frame_lib.load_jpegs(example["frames"], indices, mask, resolution),
             "frame_mask": mask, "caption": captions[pick]}
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -469,8 +362,8 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
       read_config=tfds.ReadConfig(options=_options(), try_autocache=False))
 
   def load(local, example):
-    indices, mask = frame_indices(_num_frames(example), max_frames, train=False)
-    return {"frames": _load_frames(example["frames"], indices, mask, resolution),
+    indices, mask = frame_lib.frame_indices(_num_frames(example), max_frames, train=False)
+    return {"frames": frame_lib.load_jpegs(example["frames"], indices, mask, resolution),
             "frame_mask": mask, "video_index": tf.cast(local + offset, tf.int32),
             "valid": tf.constant(True)}
 

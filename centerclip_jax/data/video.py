@@ -1,16 +1,14 @@
-"""Video decoding (PyAV), frame sampling and CLIP frame preprocessing.
+"""Video decoding with PyAV: frames resampled to a target fps, shorter side resized.
 
-Shared by the TFDS builders, the `encode` CLI and search. Only NumPy, PyAV and
-Pillow are imported here, so that worker processes stay light.
+The one decode of the package: the TFDS builders store what `encode_video_jpeg` decodes,
+and `sampled_decode.py` (encode, search, visualize) picks the same frames with the same
+resampling rule (`resample`) and resize (`FrameConverter`). Only NumPy, PyAV and Pillow are
+imported here, so that worker processes stay light.
 
-* `decode_video`: frames resampled to a target fps (the frame nearest each
-  1/fps tick), shorter side resized (bicubic), optionally a [start, end) window.
-* `sample_frame_indices`: the frame-sampling rule of the training/eval
-  pipeline (uniform for eval, one random frame per segment for training).
-* `preprocess_frames`: shorter side to the model resolution, centre crop, CLIP
-  normalisation.
-* `encode_video_jpeg`: decode + JPEG-encode, with an on-disk cache; the unit
-  of work that the dataset builders hand to a process pool.
+* `decode_video` / `iter_frames`: frames at `fps` (the frame nearest each 1/fps tick),
+  shorter side resized (bicubic), optionally a [start, end) window.
+* `encode_video_jpeg`: decode + JPEG-encode, with an on-disk cache; the unit of work that
+  the dataset builders hand to a process pool.
 """
 
 from __future__ import annotations
@@ -25,9 +23,6 @@ from typing import Iterator
 import av
 import numpy as np
 from PIL import Image
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _CACHE_FORMAT = 1
 
@@ -58,7 +53,7 @@ def _frame_time(frame, index: int, base: Fraction, rate: Fraction | None) -> Fra
   raise VideoDecodeError("frame without timestamp and stream without frame rate")
 
 
-def _iter_source_frames(container, stream, start: Fraction):
+def iter_source_frames(container, stream, start: Fraction = Fraction(0)):
   """Yields (frame, time [s], stream start [s], frame rate) in presentation order."""
   rate = stream.average_rate or stream.guessed_rate
   rate = Fraction(rate) if rate else None
@@ -73,6 +68,80 @@ def _iter_source_frames(container, stream, start: Fraction):
       container.seek(0)
   for index, frame in enumerate(container.decode(stream)):
     yield frame, _frame_time(frame, index, base, rate), base, rate
+
+
+class FrameConverter:
+  """PyAV frame -> uint8 RGB [H, W, 3], shorter side `short_side` (bicubic, aspect kept);
+  a frame handed in twice in a row (one source frame for two ticks) is converted once."""
+
+  def __init__(self, short_side: int | None):
+    self.short_side = short_side
+    self._last = None  # (frame, array)
+
+  def __call__(self, frame) -> np.ndarray:
+    if self._last is None or self._last[0] is not frame:
+      h, w = resized_shape(frame.height, frame.width, self.short_side)
+      self._last = (frame, frame.to_ndarray(width=w, height=h, format="rgb24",
+                                            interpolation="BICUBIC"))
+    return self._last[1]
+
+
+def resample(source, *, step: Fraction | None, start: Fraction = Fraction(0),
+             end: Fraction | None = None, stream_has_start: bool = True,
+             max_frames: int | None = None):
+  """The source frame of every output tick, in order (the rule of `decode_video`).
+
+  source: (frame, time [s], stream start [s], frame rate) in presentation order, as
+  `iter_source_frames` yields them. step: output fps (None: every frame in the window).
+  """
+  emitted = 0
+  k = 0
+  prev = None  # (frame, time) of the previous source frame.
+  prev_dt = None
+  lo = hi = None
+  rate = None
+  for frame, t, base, rate in source:
+    if lo is None:
+      origin = base if stream_has_start else t
+      lo = origin + start
+      hi = origin + end if end is not None else None
+    if step is None:  # Keep every frame inside the window.
+      if t < lo:
+        continue
+      if hi is not None and t >= hi:
+        break
+      yield frame
+      emitted += 1
+    else:
+      tick = lo + k / step
+      while tick <= t and (hi is None or tick < hi):
+        if prev is not None and tick - prev[1] <= t - tick:
+          yield prev[0]
+        else:
+          yield frame
+        emitted += 1
+        k += 1
+        tick = lo + k / step
+        if max_frames is not None and emitted >= max_frames:
+          return
+      if hi is not None and tick >= hi:
+        break
+      if prev is not None and t > prev[1]:
+        prev_dt = t - prev[1]
+      prev = (frame, t)
+    if max_frames is not None and emitted >= max_frames:
+      return
+  else:
+    # End of stream: the last frame covers ticks up to its end time.
+    if step is not None and prev is not None:
+      dt = prev_dt if prev_dt else (1 / rate if rate else 1 / step)
+      stop = prev[1] + dt if hi is None else min(prev[1] + dt, hi)
+      tick = lo + k / step
+      while tick < stop and (max_frames is None or emitted < max_frames):
+        yield prev[0]
+        emitted += 1
+        k += 1
+        tick = lo + k / step
 
 
 def iter_frames(
@@ -90,80 +159,24 @@ def iter_frames(
   Errors from PyAV are raised as `VideoDecodeError` naming the file.
   """
   path = os.fspath(path)
-  if fps is not None and fps <= 0:
-    raise ValueError(f"fps must be positive or None, got {fps}")
+  step = check_fps(fps)
   if not os.path.isfile(path):
     raise VideoDecodeError(f"{path}: video file not found")
   start = Fraction(start_time) if start_time else Fraction(0)
   end = Fraction(end_time) if end_time is not None else None
   if end is not None and end <= start:
     raise ValueError(f"{path}: end_time {end_time} must be after start_time {start_time}")
-  step = Fraction(fps).limit_denominator(1_000_000) if fps is not None else None
   try:
     with av.open(path) as container:
-      if not container.streams.video:
-        raise VideoDecodeError(f"{path}: no video stream")
-      stream = container.streams.video[0]
-      stream.thread_type = "AUTO"
-      converted = {}  # id(frame) -> array, so duplicated ticks convert once.
-
-      def convert(frame):
-        key = id(frame)
-        if key not in converted:
-          converted.clear()
-          h, w = resized_shape(frame.height, frame.width, short_side)
-          converted[key] = (frame, frame.to_ndarray(
-              width=w, height=h, format="rgb24", interpolation="BICUBIC"))
-        return converted[key][1]
-
+      stream = video_stream(container, path)
+      convert = FrameConverter(short_side)
       emitted = 0
-      k = 0
-      prev = None  # (frame, time) of the previous source frame.
-      prev_dt = None
-      lo = hi = None
-      rate = None
-      for frame, t, base, rate in _iter_source_frames(container, stream, start):
-        if lo is None:
-          origin = base if stream.start_time is not None else t
-          lo = origin + start
-          hi = origin + end if end is not None else None
-        if step is None:  # Keep every frame inside the window.
-          if t < lo:
-            continue
-          if hi is not None and t >= hi:
-            break
-          yield convert(frame)
-          emitted += 1
-        else:
-          tick = lo + k / step
-          while tick <= t and (hi is None or tick < hi):
-            if prev is not None and tick - prev[1] <= t - tick:
-              yield convert(prev[0])
-            else:
-              yield convert(frame)
-            emitted += 1
-            k += 1
-            tick = lo + k / step
-            if max_frames is not None and emitted >= max_frames:
-              return
-          if hi is not None and tick >= hi:
-            break
-          if prev is not None and t > prev[1]:
-            prev_dt = t - prev[1]
-          prev = (frame, t)
-        if max_frames is not None and emitted >= max_frames:
-          return
-      else:
-        # End of stream: the last frame covers ticks up to its end time.
-        if step is not None and prev is not None:
-          dt = prev_dt if prev_dt else (1 / rate if rate else 1 / step)
-          stop = prev[1] + dt if hi is None else min(prev[1] + dt, hi)
-          tick = lo + k / step
-          while tick < stop and (max_frames is None or emitted < max_frames):
-            yield convert(prev[0])
-            emitted += 1
-            k += 1
-            tick = lo + k / step
+      for frame in resample(iter_source_frames(container, stream, start), step=step,
+                            start=start, end=end,
+                            stream_has_start=stream.start_time is not None,
+                            max_frames=max_frames):
+        yield convert(frame)
+        emitted += 1
       if emitted == 0:
         window = "" if start_time is None and end_time is None else (
             f" in [{start_time}, {end_time}) s")
@@ -173,6 +186,24 @@ def iter_frames(
   except Exception as e:  # PyAV / FFmpeg errors: corrupt or unreadable file.
     raise VideoDecodeError(
         f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
+
+
+def check_fps(fps: float | None) -> Fraction | None:
+  """fps as an exact Fraction (None stays None); a ValueError unless fps > 0."""
+  if fps is None:
+    return None
+  if not fps > 0:
+    raise ValueError(f"fps must be > 0, got {fps}")
+  return Fraction(fps).limit_denominator(1_000_000)
+
+
+def video_stream(container, path: str):
+  """The first video stream, frame-threaded; VideoDecodeError if there is none."""
+  if not container.streams.video:
+    raise VideoDecodeError(f"{path}: no video stream")
+  stream = container.streams.video[0]
+  stream.thread_type = "AUTO"
+  return stream
 
 
 def decode_video(
@@ -223,71 +254,6 @@ def _output_fps(path, fps: float | None) -> float:
       return float(rate) if rate else 0.0
   except Exception as e:
     raise VideoDecodeError(f"{path}: cannot read frame rate ({e})") from e
-
-
-def sample_frame_indices(
-    num_frames: int,
-    max_frames: int,
-    *,
-    train: bool = False,
-    rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Which of `num_frames` frames to feed the model.
-
-  Eval (or train with num_frames <= max_frames): with tick = T / max_frames,
-  frame i is int(tick / 2 + tick * i) (float64, this exact operation order) when
-  T > max_frames; otherwise all T frames then the last index repeated, masked.
-  Train with T > max_frames: TSN-style, one uniformly random frame from each of
-  max_frames equal segments [int(tick * i), int(tick * (i + 1))).
-
-  Returns:
-    (indices int32 [max_frames], mask bool [max_frames]).
-  """
-  if num_frames < 1:
-    raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-  if max_frames < 1:
-    raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-  mask = np.ones([max_frames], dtype=bool)
-  if num_frames <= max_frames:
-    indices = np.minimum(np.arange(max_frames), num_frames - 1)
-    mask[num_frames:] = False
-    return indices.astype(np.int32), mask
-  tick = num_frames / max_frames
-  i = np.arange(max_frames, dtype=np.float64)
-  if not train:
-    return (tick / 2 + tick * i).astype(np.int32), mask
-  rng = np.random.default_rng() if rng is None else rng
-  starts = (tick * i).astype(np.int64)
-  ends = (tick * (i + 1)).astype(np.int64)
-  ends[-1] = num_frames
-  offsets = rng.integers(0, np.maximum(ends - starts, 1))
-  return (starts + offsets).astype(np.int32), mask
-
-
-def preprocess_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
-  """CLIP preprocessing of uint8 frames [T, H, W, 3] -> float32 [T, res, res, 3].
-
-  Shorter side to `resolution` (PIL bicubic, longer side floored), centre crop
-  (offsets rounded as torchvision's CenterCrop), scale to [0, 1], normalise with
-  CLIP_MEAN / CLIP_STD.
-  """
-  frames = np.asarray(frames)
-  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-    raise ValueError(
-        f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-  out = np.empty([frames.shape[0], resolution, resolution, 3], np.float32)
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
-  for t, frame in enumerate(frames):
-    h, w = frame.shape[:2]
-    nh, nw = resized_shape(h, w, resolution)
-    if (nh, nw) != (h, w):
-      frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BICUBIC))
-    top = int(round((nh - resolution) / 2.0))
-    left = int(round((nw - resolution) / 2.0))
-    crop = frame[top:top + resolution, left:left + resolution]
-    out[t] = (crop.astype(np.float32) / 255.0 - mean) / std
-  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ def _collect(stream, fn, keys, mesh, total: int, desc: str, show: bool):
 def embed_split(model, params, builder, split: str, config, mesh) -> dict[str, Any]:
   """Embeddings of a split: `video [V, D]` (in video_index order), `text [C, D]`,
   `text_to_video [C]` (the video index of every caption)."""
-  res = config.data.resolution if config.data.resolution > 0 else model.clip_config.image_resolution
+  res = model.clip_config.image_resolution
   global_bs = config.eval.batch_size
   parallel.check_batch_divisible(global_bs, mesh)
   per_host = global_bs // jax.process_count()

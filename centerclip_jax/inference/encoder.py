@@ -1,15 +1,18 @@
 """Embeddings of video files and captions with a configured model: the library behind
 `encode`, `search` and `visualize_clusters`.
 
-Videos: any file PyAV decodes (decoded at `fps`, default 3 as the datasets), or `.npy`
-arrays `[T, H, W, 3]` uint8 of already extracted frames. `config.model.max_frames`
-frames are sampled uniformly (`int(tick/2 + tick*i)`, `tick = T/max_frames`; shorter
-videos repeat their last frame, masked), resized (shorter side, bicubic), centre-cropped
-and CLIP-normalised. The clustering keys of `config.model` apply as in training.
+Videos: any file PyAV decodes (decoded at `fps`, default 3, and shorter side
+`config.data.decode_short_side`, as the datasets store them), or `.npy` arrays
+`[T, H, W, 3]` uint8 of already extracted frames. Frames then take the one frame path of
+`data/frames.py`, the ops eval runs: `config.model.max_frames` frames sampled uniformly
+(`int(tick/2 + tick*i)`, `tick = T/max_frames`; shorter videos repeat their last frame,
+masked), resized (shorter side, bicubic), centre-cropped and CLIP-normalised; only the
+sampled frames are decoded. The clustering keys of `config.model` apply as in training.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 from typing import Sequence
 
@@ -20,6 +23,8 @@ import tqdm
 from centerclip_jax import config as config_lib
 from centerclip_jax import parallel
 from centerclip_jax.data import tokenizer as tokenizer_lib
+from centerclip_jax.data import frames as frame_lib
+from centerclip_jax.data import sampled_decode
 from centerclip_jax.data import video as video_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.weights import loading
@@ -29,11 +34,27 @@ class InputError(ValueError):
   """A user input (video, frames file, captions file) that cannot be used."""
 
 
-def load_frames(path: str, *, fps: float, resolution: int) -> np.ndarray:
-  """uint8 [T, H, W, 3] frames of a video file or a `.npy` frame array."""
+def check_fps(fps: float) -> None:
+  """Rejects a decode frame rate <= 0 up front (one InputError, before any file is read)."""
+  if not fps > 0:
+    raise InputError(f"--fps must be > 0 (frames per second videos are decoded at), "
+                     f"got {fps}")
+
+
+def load_frames(path: str, *, fps: float, short_side: int,
+                max_frames: int) -> sampled_decode.SampledVideo:
+  """The frames the model samples from a video file or a `.npy` frame array.
+
+  Videos are decoded at `fps`, shorter side `short_side` (`config.data.decode_short_side`,
+  what the datasets store), and only the eval-sampled frames (`frames.frame_indices`) are
+  decoded (`sampled_decode`): memory stays flat in the video's length. `.npy` arrays are
+  uint8 `[T, H, W, 3]` frames, sampled the same way. A truncated file is used as far as it
+  decodes, with a warning naming it (`.truncated` in the result).
+  """
   p = pathlib.Path(path)
   if not p.is_file():
     raise InputError(f"{path}: no such file")
+  choose = lambda t: _distinct(frame_lib.eval_frame_indices(t, max_frames))
   if p.suffix.lower() == ".npy":
     try:
       frames = np.load(p, allow_pickle=False)
@@ -42,28 +63,67 @@ def load_frames(path: str, *, fps: float, resolution: int) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
       raise InputError(f"{path}: expected uint8 frames [T, H, W, 3] with T >= 1, "
                        f"got {frames.dtype} {frames.shape}")
-    return frames
+    indices = choose(len(frames))
+    return sampled_decode.SampledVideo(frames[indices], indices, len(frames), float(fps),
+                                       len(frames), False, "npy")
+  check_fps(fps)
   try:
-    frames, _ = video_lib.decode_video(str(p), fps=fps, short_side=resolution)
+    clip = sampled_decode.decode_sampled(str(p), fps=fps, short_side=short_side,
+                                         choose=choose)
   except video_lib.VideoDecodeError as e:
     raise InputError(str(e)) from None
-  return frames
+  if clip.truncated:
+    expected = f" of the {clip.expected_frames} its header declares" if (
+        clip.expected_frames) else ""
+    logging.warning("%s: truncated stream; embedded from its first %d frames at %g fps%s "
+                    "(frames %s used)", path, clip.num_frames, fps, expected,
+                    clip.indices.tolist())
+  return clip
+
+
+def _distinct(sampled: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  indices, mask = sampled
+  return indices[mask]
 
 
 def video_inputs(frames: np.ndarray, max_frames: int, resolution: int):
-  """uint8 [T, H, W, 3] -> (float32 [max_frames, res, res, 3], bool mask [max_frames])."""
-  idx, mask = video_lib.sample_frame_indices(len(frames), max_frames, train=False)
-  return video_lib.preprocess_frames(frames[idx], resolution), mask
+  """uint8 [T, H, W, 3] -> (float32 [max_frames, res, res, 3], bool mask [max_frames]).
+
+  Eval sampling, resize, crop and normalisation of `frames.py`, the ops training and eval
+  run. The frames `load_frames` returns give the inputs of the whole video.
+  """
+  return frame_lib.model_inputs(frames, max_frames, resolution)
+
+
+def file_inputs(path: str, *, fps: float, short_side: int, max_frames: int,
+                resolution: int):
+  """(float32 [max_frames, R, R, 3], bool [max_frames], SampledVideo) of a video file."""
+  clip = load_frames(path, fps=fps, short_side=short_side, max_frames=max_frames)
+  frames, mask = video_inputs(clip.frames, max_frames, resolution)
+  return frames, mask, clip
+
+
+MAX_CAPTION_CHARS = 10_000  # far beyond any caption's 77 tokens; longer lines are refused
 
 
 def read_captions(path: str) -> list[str]:
+  """One caption per line (split on newlines only: other control characters such as form
+  feed stay inside the caption, as text). Every caption is plain text: a literal
+  `<|endoftext|>` is tokenised as characters, never as the special token."""
   p = pathlib.Path(path)
   if not p.is_file():
     raise InputError(f"{path}: no such captions file")
   try:
-    lines = p.read_text(encoding="utf-8").splitlines()
+    text = p.read_bytes().decode("utf-8")
   except UnicodeDecodeError as e:
-    raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    line = p.read_bytes()[:e.start].count(b"\n") + 1
+    raise InputError(f"{path}: line {line} is not UTF-8 text (byte {e.start}); save the "
+                     "file as UTF-8") from None
+  lines = text.removeprefix("\ufeff").split("\n")
+  for i, line in enumerate(lines, start=1):
+    if len(line) > MAX_CAPTION_CHARS:
+      raise InputError(f"{path}: line {i} has {len(line)} characters (more than "
+                       f"{MAX_CAPTION_CHARS}); one caption per line expected")
   captions = [line.strip() for line in lines if line.strip()]
   if not captions:
     raise InputError(f"{path}: no captions (one per line expected)")
@@ -86,6 +146,7 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
 def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
            fps: float = 3.0, batch_size: int = 8):
   """Returns the dict written to the output `.npz`."""
+  check_fps(fps)
   config_lib.validate(config)
   model, params = loading.load_model(config)
   res = model.clip_config.image_resolution
@@ -94,7 +155,8 @@ def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
   # Read every input first, so that a bad file fails before any compute.
   clips = []
   for path in tqdm.tqdm(video_paths, desc="decoding videos", disable=not video_paths):
-    clips.append(video_inputs(load_frames(path, fps=fps, resolution=res), max_frames, res))
+    clips.append(file_inputs(path, fps=fps, short_side=config.data.decode_short_side,
+                             max_frames=max_frames, resolution=res))
   tokens = tokenizer_lib.get_tokenizer().tokenize(list(captions), config.model.max_words)
 
   encode_video, encode_text = parallel.jit_encoders(model)

@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main:
     (workdir_path / loading.CLIP_CONFIG_FILE).write_text(model.clip_config.to_json())
     (workdir_path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-  res = config.data.resolution if config.data.resolution > 0 else model.clip_config.image_resolution
+  res = model.clip_config.image_resolution
   select_split = config.val_split or config.eval_split
   writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_main)
   results: dict[str, Any] = {"config": config.to_dict(), "dataset": config.dataset,

@@ -1,0 +1,214 @@
+"""The one frame path (`data/frames.py`): its rules, and dataset + eval == encode.
+
+The same generated video file goes through the MSR-VTT builder (PyAV decode, JPEG frames)
+and the eval pipeline, and through `encode`'s path (`encoder.load_frames` /
+`video_inputs` / `encode`): the model inputs differ only by the JPEG rounding of the
+stored frames (JPEG'ing encode's decoded frames as the builders do gives eval's inputs and
+embeddings exactly). That rounding (quality 95, 4:2:0 chroma) is several uint8 levels on
+these small colourful clips and moves a random tiny model's unit-norm embeddings by up to
+0.016 (two different videos: 0.25), more than the 1e-3 the issue asks for; the tests state
+the measured bounds.
+"""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from centerclip_jax import config as config_lib
+from centerclip_jax import parallel
+from centerclip_jax.data import datasets
+from centerclip_jax.data import frames as frame_lib
+from centerclip_jax.data import pipeline
+from centerclip_jax.data.datasets import common
+from centerclip_jax.inference import encoder
+from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.weights import loading
+from centerclip_jax.weights import porting
+from tests import frames_reference as ref
+from tests import video_fixtures as vf
+
+MEAN = np.asarray(ref.CLIP_MEAN)
+STD = np.asarray(ref.CLIP_STD)
+LEVEL = 1.0 / 255.0 / STD.min() + 1e-5  # One uint8 step after normalisation.
+TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                           vision_patch_size=8, context_length=77, vocab_size=49408,
+                           transformer_width=64, transformer_heads=1, transformer_layers=1)
+MAX_FRAMES = 8
+
+
+# ------------------------------------------------------------------------ frame rules
+
+
+def test_eval_indices_follow_the_reference_float_formula():
+  # The authors' expression in Python floats, including where it differs from exact
+  # arithmetic (T=12, M=7, i=3: 5.999... -> 5).
+  for t in list(range(1, 40)) + list(range(41, 400, 7)) + [3001]:
+    for m in (1, 7, 12, 32):
+      indices, mask = frame_lib.eval_frame_indices(t, m)
+      want_i, want_m = ref.sample_frame_indices(t, m)
+      np.testing.assert_array_equal(indices, want_i, err_msg=f"T={t} M={m}")
+      np.testing.assert_array_equal(mask, want_m)
+  np.testing.assert_array_equal(frame_lib.eval_frame_indices(30, 12)[0],
+                                [1, 3, 6, 8, 11, 13, 16, 18, 21, 23, 26, 28])
+  assert frame_lib.eval_frame_indices(12, 7)[0][3] == 5
+  indices, mask = frame_lib.eval_frame_indices(5, 8)
+  np.testing.assert_array_equal(indices, [0, 1, 2, 3, 4, 4, 4, 4])
+  np.testing.assert_array_equal(mask, [1, 1, 1, 1, 1, 0, 0, 0])
+  with pytest.raises(ValueError):
+    frame_lib.eval_frame_indices(0, 12)
+
+
+def test_crop_and_normalise_by_hand():
+  frames = (np.arange(2 * 4 * 8 * 3) % 251).astype(np.uint8).reshape(2, 4, 8, 3)
+  out = frame_lib.preprocess(tf.constant(frames), 4).numpy()  # Short side already 4.
+  assert out.shape == (2, 4, 4, 3) and out.dtype == np.float32
+  crop = frames[:, :, 2:6].astype(np.float64)  # left = round((8 - 4) / 2) = 2.
+  np.testing.assert_allclose(out, (crop / 255 - MEAN) / STD, atol=1e-5)
+  odd = np.zeros([1, 4, 7, 3], np.uint8)
+  odd[0, :, 2] = 255  # Column 2 is the first of the crop (round(1.5) = 2).
+  out = frame_lib.preprocess(tf.constant(odd), 4).numpy()
+  np.testing.assert_allclose(out[0, :, 0, 0], (1 - MEAN[0]) / STD[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, :, 1, 0], (0 - MEAN[0]) / STD[0], atol=1e-5)
+
+
+def test_resize_shorter_side_then_crop():
+  flat = np.empty([1, 48, 64, 3], np.uint8)
+  flat[...] = (200, 100, 50)
+  out = frame_lib.preprocess(tf.constant(flat), 32).numpy()
+  np.testing.assert_allclose(out, np.broadcast_to((np.array([200, 100, 50]) / 255 - MEAN) / STD,
+                                                  out.shape), atol=1e-5)
+  ramp = np.broadcast_to(np.linspace(0, 255, 64).astype(np.uint8)[None, None, :, None],
+                         [1, 48, 64, 3]).copy()
+  out = frame_lib.preprocess(tf.constant(ramp), 24).numpy()  # 24 x 32, crop columns 4..28.
+  assert out.shape == (1, 24, 24, 3)
+  assert np.all(np.diff(out[0, 12, :, 0]) > 0)
+  # Output column 0 = resized column 4, centred on source x = 2 * 4.5 - 0.5 = 8.5, where
+  # the ramp is 255 * 8.5 / 63 = 34.4.
+  first = (out[0, 12, 0, 0] * STD[0] + MEAN[0]) * 255
+  assert abs(first - 34.4) < 1.5
+
+
+def test_model_inputs_sample_and_pad_like_the_pipeline():
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, [13, 40, 52, 3], dtype=np.uint8)
+  x, mask = frame_lib.model_inputs(frames, 4, 32)
+  want_i, want_m = ref.sample_frame_indices(13, 4)
+  np.testing.assert_array_equal(mask, want_m)
+  np.testing.assert_allclose(x, ref.preprocess_frames(frames[want_i], 32), atol=LEVEL + 1e-5)
+  x, mask = frame_lib.model_inputs(frames[:2], 4, 32)  # Short: the last frame repeated.
+  assert mask.tolist() == [True, True, False, False]
+  np.testing.assert_array_equal(x[1], x[3])
+  with pytest.raises(ValueError, match="uint8"):
+    frame_lib.model_inputs(frames.astype(np.float32), 4, 32)
+
+
+# --------------------------------------------------- the same file: dataset + eval vs encode
+
+
+@pytest.fixture(scope="module", params=[32, 48], ids=["stored_at_model_size", "resized"])
+def same_file(request, tmp_path_factory):
+  """MSR-VTT miniature whose two test videos are real moving clips; built at `short_side`."""
+  short_side = request.param
+  root = tmp_path_factory.mktemp(f"frame_path_{short_side}")
+  manual = root / "raw"
+  vf.write_msrvtt_layout(manual)
+  videos = {"video3": vf.write_video(manual / "videos" / "all" / "video3.mp4", num_frames=100,
+                                     fps=25, width=80, height=60, seed=3, pattern="moving",
+                                     noise=1.0),
+            "video2": vf.write_video(manual / "videos" / "all" / "video2.mp4", num_frames=40,
+                                     fps=25, width=80, height=60, seed=2)}  # Flat colours.
+  config = common.VideoTextConfig(fps=3, short_side=short_side)
+  builder = datasets.BUILDERS["msrvtt"](data_dir=str(root / "tfds"), config=config,
+                                        num_workers=1, keep_frame_cache=False)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual), try_download_gcs=False))
+  params = jax.tree.map(np.asarray, clip_lib.init_params(TINY, jax.random.PRNGKey(0)))
+  porting.save_converted(root / "clip", TINY, params, {}, {"source": "test"})
+  c = config_lib.base_config()
+  c.init_from = str(root / "clip")
+  c.model = config_lib.model_config(max_frames=MAX_FRAMES, num_blocks=2, tokens_per_frame=16)
+  c.model.target_frames_blocks = (MAX_FRAMES, 4)
+  c.model.cluster_num_blocks = (16, 8)
+  c.data.decode_short_side = short_side
+  return builder, videos, c
+
+
+def _eval_rows(builder):
+  data = pipeline.eval_datasets(builder, "test_1k", batch_size=2, max_frames=MAX_FRAMES,
+                                max_words=32, resolution=TINY.image_resolution)
+  rows = {}
+  for batch in data.videos:
+    for i in np.flatnonzero(batch["valid"]):
+      rows[data.videos.keys[batch["video_index"][i]]] = (batch["frames"][i],
+                                                         batch["frame_mask"][i])
+  return rows
+
+
+def _jpeg_round_trip(frames: np.ndarray, quality: int = 95) -> np.ndarray:
+  """What storing frames does: PIL JPEG at the builders' quality, TF's accurate decode."""
+  out = []
+  for frame in frames:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    out.append(tf.io.decode_jpeg(buf.getvalue(), channels=3,
+                                 dct_method="INTEGER_ACCURATE").numpy())
+  return np.stack(out)
+
+
+def test_model_inputs_equal_up_to_jpeg_rounding(same_file):
+  builder, videos, config = same_file
+  short_side = config.data.decode_short_side
+  rows = _eval_rows(builder)
+  assert set(rows) == set(videos)
+  for vid, path in videos.items():
+    eval_frames, eval_mask = rows[vid]
+    frames, mask, clip = encoder.file_inputs(
+        str(path), fps=3.0, short_side=short_side, max_frames=MAX_FRAMES,
+        resolution=TINY.image_resolution)
+    np.testing.assert_array_equal(mask, eval_mask)
+    assert clip.num_frames == {"video3": 12, "video2": 5}[vid] and not clip.truncated
+    # The JPEG rounding is the whole difference: the decoded frames, JPEG'd as the datasets
+    # store them, give eval's inputs exactly.
+    stored, _ = encoder.video_inputs(_jpeg_round_trip(clip.frames), MAX_FRAMES,
+                                     TINY.image_resolution)
+    np.testing.assert_allclose(stored, eval_frames, rtol=0, atol=1e-6)
+    # Its size, in uint8 levels (measured on the moving colour gradient: stored at 32 px,
+    # max 22 and mean 5.0 levels; stored at 48 px and resized to 32, max 8 and mean 1.1).
+    levels = np.abs(frames - eval_frames) * STD * 255
+    bound = {32: (32, 6.0), 48: (12, 1.6)}[short_side]
+    assert levels.max() <= bound[0] and levels.mean() < bound[1], (vid, levels.max(),
+                                                                   levels.mean())
+    assert levels.max() >= 1  # The dataset path really went through JPEG.
+
+
+def test_embeddings_differ_only_by_the_jpeg_rounding(same_file):
+  builder, videos, config = same_file
+  rows = _eval_rows(builder)
+  paths = [str(p) for p in videos.values()]
+  out = encoder.encode(config, paths, [], batch_size=2)
+  model, params = loading.load_model(config)
+  encode_video, _ = parallel.jit_encoders(model)
+  want = np.asarray(encode_video(params, np.stack([rows[v][0] for v in videos]),
+                                 np.stack([rows[v][1] for v in videos])))
+  np.testing.assert_allclose(np.linalg.norm(want, axis=-1), 1.0, atol=1e-5)
+  apart = np.abs(want[0] - want[1]).max()  # Two different videos.
+  # encode's frames with the datasets' JPEG rounding applied embed as eval does.
+  stored = [encoder.video_inputs(_jpeg_round_trip(encoder.load_frames(
+      p, fps=3.0, short_side=config.data.decode_short_side, max_frames=MAX_FRAMES).frames),
+      MAX_FRAMES, TINY.image_resolution) for p in paths]
+  again = np.asarray(encode_video(params, np.stack([x for x, _ in stored]),
+                                  np.stack([m for _, m in stored])))
+  np.testing.assert_allclose(again, want, rtol=0, atol=1e-5)
+  # Without it, the gap is the JPEG rounding's effect on this random tiny model: measured
+  # 0.0156 stored at 32 px, 0.0027 at 48 px (max abs over 32 dimensions; two different
+  # videos: 0.25), above the 1e-3 asked for; see the module docstring.
+  gap = np.abs(out["video_embeddings"] - want).max()
+  print(f"encode vs eval embedding gap {gap:.5f}; two different videos {apart:.5f}")
+  assert gap < 0.03 and gap < apart / 5, (gap, apart)
