@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -181,8 +182,11 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     splits = self.read_annotations(manual_dir)  # Fails fast on bad annotations.
     index = VideoIndex(manual_dir)
     log.info("%s: %d video files under %s", self.name, len(index), manual_dir)
+    downloads = os.fspath(dl_manager.download_dir)
+    if "://" in downloads:  # data_dir in a bucket: the decoded-frame cache stays local
+      downloads = os.path.join(tempfile.gettempdir(), "centerclip_downloads")
     self.frame_cache_dir = os.fspath(self._frame_cache_dir or Path(
-        dl_manager.download_dir) / "centerclip_frames" / self.name)
+        downloads) / "centerclip_frames" / self.name)
     os.makedirs(self.frame_cache_dir, exist_ok=True)
 
     paths = {(name, job.video_id): index.find(job.candidates)
