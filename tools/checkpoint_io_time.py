@@ -100,8 +100,9 @@ def main():
     for workdir in workdirs:
       runs = [time_one(workdir, state, abstract) for _ in range(args.repeats)]
       save, restore = min(r[0] for r in runs), min(r[1] for r in runs)
-      print(f"{workdir}: save {save:.1f} s, restore {restore:.1f} s (best of {args.repeats})",
-            flush=True)
+      each = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in runs)
+      print(f"{workdir}: save {save:.1f} s, restore {restore:.1f} s (best of {args.repeats}; "
+            f"save/restore per run: {each})", flush=True)
   finally:
     if emulator is not None:
       emulator.stop()
