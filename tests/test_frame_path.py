@@ -212,3 +212,40 @@ def test_embeddings_differ_only_by_the_jpeg_rounding(same_file):
   gap = np.abs(out["video_embeddings"] - want).max()
   print(f"encode vs eval embedding gap {gap:.5f}; two different videos {apart:.5f}")
   assert gap < 0.03 and gap < apart / 5, (gap, apart)
+
+
+# ------------------------------------------------------------ inference: faults up front
+
+
+def test_truncated_file_is_embedded_with_a_warning(tmp_path, caplog):
+  whole = vf.write_video(tmp_path / "whole.avi", num_frames=250, fps=25, width=48, height=32,
+                         pattern="moving", codec="mjpeg", gop=25)
+  cut = vf.write_truncated(tmp_path / "cut.avi", whole, keep_bytes=whole.stat().st_size // 3)
+  with caplog.at_level("WARNING"):
+    clip = encoder.load_frames(str(cut), fps=3.0, short_side=32, max_frames=MAX_FRAMES)
+  assert clip.truncated and 1 <= clip.num_frames < clip.expected_frames == 30
+  assert len(clip.frames) == min(MAX_FRAMES, clip.num_frames)
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and str(cut) in warnings[0]
+  assert f"first {clip.num_frames} frames" in warnings[0]
+  assert str(clip.indices.tolist()) in warnings[0]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert not encoder.load_frames(str(whole), fps=3.0, short_side=32,
+                                   max_frames=MAX_FRAMES).truncated
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("fps", [0.0, -1.0])
+def test_fps_is_rejected_before_any_file_or_model(fps, tmp_path):
+  config = config_lib.base_config()
+  config.init_from = str(tmp_path / "no_such_checkpoint")
+  with pytest.raises(encoder.InputError, match="--fps must be > 0") as info:
+    encoder.encode(config, [str(tmp_path / "missing.mp4")], [], fps=fps)
+  assert "no_such_checkpoint" not in str(info.value) and "missing" not in str(info.value)
+
+
+def test_bad_decode_short_side_names_the_field(tmp_path):
+  path = vf.write_video(tmp_path / "a.mp4")
+  with pytest.raises(encoder.InputError, match="config.data.decode_short_side"):
+    encoder.load_frames(str(path), fps=3.0, short_side=0, max_frames=4)

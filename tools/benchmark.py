@@ -2,6 +2,7 @@ r"""Speed and memory of the video tower with and without token clustering.
 
   python tools/benchmark.py [--quick] [--json OUT.json] [--archs ViT-B/32,ViT-B/16]
   python tools/benchmark.py --vs-torch   # our ViT-B/32 tower vs the reference PyTorch one
+  python tools/benchmark.py --long-video # decode: a 30-min vs a 10-s video (tools/long_video.py)
 
 For each architecture (random weights at real shapes, 12 frames, 224 px) it compares the
 CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ and
@@ -272,6 +273,15 @@ def print_row(row):
         f"{row['train_memory_bytes'] / 1e9:9.2f} {row['train_memory_ratio']:9.2f}", flush=True)
 
 
+def long_video(long_seconds: float, json_path: str | None) -> None:
+  """Inference's decode of a long vs a 10-s video, before/after (tools/long_video.py)."""
+  import long_video as long_video_lib  # pylint: disable=g-import-not-at-top  (tools/)
+  result = long_video_lib.benchmark(long_s=long_seconds)
+  long_video_lib.print_report(result)
+  if json_path:
+    pathlib.Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true",
@@ -287,7 +297,15 @@ def main():
   parser.add_argument("--vs-torch", action="store_true",
                       help="only: our ViT-B/32 tower (plain and B6-4,49) vs the reference "
                       "PyTorch tower, same weights, 4 videos x 12 frames, round-robin")
+  parser.add_argument("--long-video", action="store_true",
+                      help="only: wall time and peak RSS of decoding the 12 sampled frames "
+                      "of a generated long video vs a 10-s one, before/after seeking")
+  parser.add_argument("--long_seconds", type=float, default=1800.0,
+                      help="--long-video: length of the long video")
   args = parser.parse_args()
+  if args.long_video:
+    long_video(args.long_seconds, args.json)
+    return
   if args.vs_torch:
     out = vs_torch(batch=args.batch or 4, repeats=args.repeats or 5)
     if args.json:

@@ -82,14 +82,20 @@ def _tolerant(source, status: _Status):
 
 
 def _declared_end(container, stream) -> Fraction | None:
-  """End time [s] of the stream by the container's header, None if not declared."""
+  """End time [s] of the stream by the container's header, None if not declared: the
+  later of its duration and its frame count over its frame rate (an AVI cut short keeps
+  the frame count of its header, while its duration is what the demuxer finds)."""
+  ends = []
+  base = Fraction(stream.start_time or 0) * Fraction(stream.time_base or 1)
   if stream.duration and stream.time_base:
-    base = Fraction(stream.start_time or 0) * Fraction(stream.time_base)
-    return base + Fraction(stream.duration) * Fraction(stream.time_base)
-  if container.duration:
-    return Fraction(container.start_time or 0, av.time_base) + Fraction(
-        container.duration, av.time_base)
-  return None
+    ends.append(base + Fraction(stream.duration) * Fraction(stream.time_base))
+  elif container.duration:
+    ends.append(Fraction(container.start_time or 0, av.time_base) + Fraction(
+        container.duration, av.time_base))
+  rate = stream.average_rate or stream.guessed_rate
+  if stream.frames and rate:
+    ends.append(base + Fraction(stream.frames) / Fraction(rate))
+  return max(ends) if ends else None
 
 
 def _frames_until(end: Fraction, lo: Fraction, step: Fraction) -> int:

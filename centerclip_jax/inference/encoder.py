@@ -51,6 +51,9 @@ def load_frames(path: str, *, fps: float, short_side: int,
   uint8 `[T, H, W, 3]` frames, sampled the same way. A truncated file is used as far as it
   decodes, with a warning naming it (`.truncated` in the result).
   """
+  if not short_side >= 1:
+    raise InputError(f"config.data.decode_short_side must be >= 1 (the shorter side the "
+                     f"datasets store, 224 for the real ones), got {short_side}")
   p = pathlib.Path(path)
   if not p.is_file():
     raise InputError(f"{path}: no such file")
