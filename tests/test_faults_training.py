@@ -54,16 +54,16 @@ def _run_until(cmd, env, marker=None, sig=signal.SIGKILL):
 
 @pytest.fixture(scope="module")
 def killed_runs(tmp_path_factory):
-  """An uninterrupted run, a run SIGKILLed after step 5, a run SIGKILLed while its async
+  """An uninterrupted run, a run SIGKILLed after step 7, a run SIGKILLed while its async
   save of step 4 is being written; then each killed run resumed (plus a copy of the first
   with its newest checkpoint truncated)."""
   tmp = tmp_path_factory.mktemp("faults")
   cache = tmp / "xla_cache"
   full = subprocess.Popen(_cmd(tmp / "full", tmp / "full.npz"), cwd=REPO, env=_env(cache),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  # kill -9 mid-run: 1 s per step so that the kill lands between steps 5 and 6.
+  # kill -9 mid-run: 1 s per step so that the kill lands between steps 7 and 8.
   rc_train, log_train = _run_until(_cmd(tmp / "train", tmp / "x.npz", step_sleep=1.0),
-                                   _env(cache), marker="step 5 ")
+                                   _env(cache), marker="step 7 ")
   rc_save, log_save = _run_until(_cmd(tmp / "save", tmp / "x.npz") + ["--kill_in_save", "4"],
                                  _env(cache))
   full_log, _ = full.communicate(timeout=600)
@@ -94,9 +94,10 @@ def _resumed_from(log):
 @pytest.mark.slow
 def test_kill9_during_training_resumes_exactly(killed_runs):
   r = killed_runs
-  # Saved every 2 steps, killed after step 5: steps 2 and 4 (4 unless its async write
-  # had not finished; then a temporary folder that is not a step).
-  assert r["newest"] in (2, 4) and "2" in r["after_kill"]["train"]
+  # Saved every 2 steps (each save waits for the one before), killed after step 7: step 4
+  # is complete, step 6 too unless its async write had not finished (then it is a
+  # temporary folder, not a step).
+  assert r["newest"] in (4, 6) and "4" in r["after_kill"]["train"]
   start = _resumed_from(r["train_log"])
   assert start == r["newest"]
   np.testing.assert_array_equal(r["train"]["loss_steps"], np.arange(start + 1, TOTAL_STEPS + 1))
