@@ -5,13 +5,14 @@ Configs are code: each file in `configs/` defines `get_config()` that calls
 authors' CenterCLIP scripts so that those port 1:1 (per-block lists are tuples, so that
 `--config.model.target_frames_blocks='(12,12,12,12,12,12,4,4,4,4,4,4)'` works).
 `validate(config)` rejects a bad config with a message naming the field, before anything
-is compiled.
+is compiled; `validate_mesh` does the same for the device and host counts.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any
+import math
+import re
+from typing import Sequence
 
 import ml_collections
 
@@ -20,6 +21,10 @@ from centerclip_jax.models import settings as settings_lib
 from centerclip_jax.models.settings import model_config  # re-exported for configs/
 
 MODES = ("train_and_eval", "train", "eval")
+# On/off keys: the authors' scripts pass 0/1, Python configs True/False; both work on the
+# command line (`normalize_switches`).
+SWITCHES = ("allow_random_init", "model.cluster_inter", "model.pre_norm",
+            "model.cluster_embedding", "model.svd_correct_sign", "model.remat", "eval.dsl")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mode = "train_and_eval"
   c.seed = 42
   c.init_from = ""                # converted CLIP checkpoint dir (tools/convert_clip_weights.py)
+  c.allow_random_init = False     # init_from empty: random weights only when this is True
   c.data_dir = ""                 # TFDS data dir (tools/prepare_data.py)
   c.dataset = "msrvtt"            # TFDS builder name
   c.train_split = "train_9k"
@@ -89,10 +95,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects a bad config with a message naming the field, before anything compiles."""
   if config.mode not in MODES:
     _fail("mode", f"{config.mode!r} is not one of {MODES}")
-  for field in ("init_from", "data_dir"):
-    value = config.get(field, "")
-    if value and ("\x00" in value or not os.path.isabs(os.path.abspath(value))):
-      _fail(field, f"{value!r} is not a valid path")
+  if not config.init_from and not config.get("allow_random_init", False):
+    _fail("init_from", "is empty, so the model would have RANDOM weights. Convert OpenAI CLIP "
+          "weights (`python tools/convert_clip_weights.py --input ViT-B-32.pt --output DIR`) "
+          "and pass --config.init_from=DIR (or a training workdir), or set "
+          "--config.allow_random_init=True")
   if not config.init_from:
     if config.model.get("clip_dims"):
       try:
@@ -125,6 +132,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("eval.batch_size", "must be >= 1")
 
 
-def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Plain JSON-able dict of a config (tuples become lists)."""
-  return config.to_dict()
+def validate_mesh(config: ml_collections.ConfigDict, num_devices: int,
+                  num_processes: int = 1) -> None:
+  """Rejects a training batch that does not split over the devices and hosts.
+
+  Each train step feeds `global_batch_size / grad_accum_steps` examples, sharded over
+  every device (and fed by every host in equal parts). Evaluation has no such constraint:
+  it pads its batches to a multiple of the device count (`eval_batch_size`).
+  """
+  if config.mode not in ("train", "train_and_eval"):
+    return
+  t = config.train
+  micro = t.global_batch_size // max(1, t.grad_accum_steps)
+  need = math.lcm(num_devices, num_processes)
+  if micro % need:
+    lower, upper = (micro // need) * need, (micro // need + 1) * need
+    sizes = " or ".join(str(b * t.grad_accum_steps) for b in (lower, upper) if b > 0)
+    per_step = (f"config.train.global_batch_size={t.global_batch_size} / "
+                f"config.train.grad_accum_steps={t.grad_accum_steps} = {micro}"
+                if t.grad_accum_steps > 1 else
+                f"config.train.global_batch_size={t.global_batch_size}")
+    _fail("train.global_batch_size",
+          f"{per_step} examples per step do not split over {num_devices} device(s) on "
+          f"{num_processes} host(s); use a multiple of {need * t.grad_accum_steps} "
+          f"(e.g. {sizes}) or run on a divisor of it")
+
+
+def eval_batch_size(batch_size: int, num_devices: int) -> int:
+  """`config.eval.batch_size` rounded up to a multiple of the device count (the padded
+  rows are masked out), so any eval batch runs on any number of devices."""
+  return math.ceil(batch_size / num_devices) * num_devices
+
+
+def normalize_switches(argv: Sequence[str], prefix: str = "--config.") -> list[str]:
+  """Command line with `True/False/true/false/yes/no` of the `SWITCHES` written as 1/0.
+
+  An int key (`model.cluster_inter`, 0/1 as in the authors' scripts) and a bool key then
+  both accept either spelling (absl parses 1/0 for both).
+  """
+  names = "|".join(re.escape(prefix + k) for k in SWITCHES)
+  pattern = re.compile(rf"^({names})=(true|false|yes|no)$", re.IGNORECASE)
+  values = {"true": "1", "yes": "1", "false": "0", "no": "0"}
+  out = []
+  args = list(argv)
+  for i, arg in enumerate(args):
+    m = pattern.match(arg)
+    if m:
+      arg = f"{m.group(1)}={values[m.group(2).lower()]}"
+    elif (i > 0 and re.fullmatch(names, args[i - 1])
+          and arg.lower() in values):
+      arg = values[arg.lower()]
+    out.append(arg)
+  return out

@@ -114,3 +114,88 @@ def test_cli(setup, tmp_path):
   assert fail.returncode == 2
   assert "corrupt.mp4" in fail.stderr and "Traceback" not in fail.stderr
   assert not (tmp_path / "x.npz").exists()
+
+
+# ------------------------------------------------------------------ the CLI's arguments
+
+
+def test_videos_take_several_files_after_one_flag():
+  from centerclip_jax import encode as app  # pylint: disable=g-import-not-at-top
+  argv = ["encode", "--config", "c.py", "--videos", "a.mp4", "b.avi", "c.npy",
+          "--captions", "t.txt", "--videos=d.mp4", "e.mp4", "--videos", "f.mp4", "--output", "o"]
+  assert app.expand_multi(argv) == [
+      "encode", "--config", "c.py", "--videos=a.mp4", "--videos=b.avi", "--videos=c.npy",
+      "--captions", "t.txt", "--videos=d.mp4", "--videos=e.mp4", "--videos=f.mp4",
+      "--output", "o"]
+
+
+def test_output_gets_the_npz_suffix_it_is_written_with(tmp_path):
+  from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+  from centerclip_jax import encode as app  # pylint: disable=g-import-not-at-top
+  assert app.output_path(str(tmp_path / "emb")) == tmp_path / "emb.npz"
+  assert app.output_path(str(tmp_path / "emb.npz")) == tmp_path / "emb.npz"
+  with pytest.raises(console.UsageError, match="is a folder"):
+    app.output_path(str(tmp_path))
+  with pytest.raises(console.UsageError, match="does not exist"):
+    app.output_path(str(tmp_path / "missing" / "emb.npz"))
+
+
+class _Flag:
+  def __init__(self, value):
+    self.value = value
+
+
+def test_non_finite_embedding_is_an_error_naming_the_file(setup, tmp_path, monkeypatch, capsys):
+  """encode never writes a NaN row: the check names the video (the model's own short-video
+  rule keeps real embeddings finite; here the model output is forced to NaN)."""
+  from centerclip_jax import encode as app  # pylint: disable=g-import-not-at-top
+  root, _ = setup
+  real = encode.encode
+
+  def nan_for_b(*args, **kwargs):
+    out = real(*args, **kwargs)
+    out["video_embeddings"][1] = np.nan
+    return out
+
+  monkeypatch.setattr(encode, "encode", nan_for_b)
+  out = tmp_path / "o.npz"
+  cli = {"config": _Flag(tiny_config(root)),
+         "videos": _Flag([str(root / "a_frames.npy"), str(root / "b.avi")]),
+         "captions": _Flag(None), "output": _Flag(str(out)), "fps": _Flag(3.0),
+         "batch_size": _Flag(2)}
+  with pytest.raises(SystemExit) as e:
+    app.main(["encode"], cli)
+  assert e.value.code == 2
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+  assert len(err) == 1 and "non-finite" in err[0] and "b.avi" in err[0]
+  assert "a_frames.npy" not in err[0] and not out.exists()
+
+
+# ------------------------------------------------------------------------ captions files
+
+
+def test_captions_control_characters_and_special_tokens_are_text(tmp_path):
+  tok = tokenizer_lib.get_tokenizer()
+  path = tmp_path / "caps.txt"
+  path.write_bytes("a dog\x0cruns\r\n\x00 a cat \x1b[31m\n<|endoftext|> hi\n\u2028x\n".encode())
+  caps = encode.read_captions(str(path))
+  # Only newlines split captions: form feed, NUL and ESC stay inside (as text); U+2028
+  # is whitespace at the edge, stripped like spaces.
+  assert caps == ["a dog\x0cruns", "\x00 a cat \x1b[31m", "<|endoftext|> hi", "x"]
+  tokens = tok.tokenize(caps, 16)
+  sot, eot = tokens[0, 0], tokens[0].max()
+  for row in tokens:
+    assert row[0] == sot and int((row == eot).sum()) == 1  # the literal is never an EOT
+  plain = tok.tokenize(["hi"], 16)[0]
+  assert list(tokens[2][:3]) != list(plain[:3])  # "<|endoftext|>" was tokenised as text
+
+
+def test_captions_invalid_utf8_and_huge_lines_are_clear_errors(tmp_path):
+  bad = tmp_path / "latin1.txt"
+  bad.write_bytes(b"ok\nnaive caf\xe9\n")
+  with pytest.raises(encode.InputError, match=r"latin1.txt: line 2 is not UTF-8"):
+    encode.read_captions(str(bad))
+  huge = tmp_path / "huge.txt"
+  huge.write_text("short\n" + "word " * 2_000_000 + "\n")  # a 10 MB line
+  with pytest.raises(encode.InputError, match=r"huge.txt: line 2 has 10000000 characters"):
+    encode.read_captions(str(huge))

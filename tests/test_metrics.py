@@ -230,3 +230,59 @@ def test_ranks_bad_input():
     metrics.ranks(np.ones((2, 3)), np.array([0, 3]))
   with pytest.raises(ValueError, match="temperature"):
     metrics.dual_softmax(np.ones((2, 2)), 0.0)
+
+
+# ----------------------------------------------------- counts, warnings, non-finite rows
+
+
+class _Split:
+  def __init__(self, n):
+    self.num_examples = n
+
+
+class _Info:
+  def __init__(self, built, metadata):
+    self.splits = {k: _Split(v) for k, v in built.items()}
+    self.metadata = metadata
+
+
+class _Builder:
+  def __init__(self, built, metadata=None):
+    self.info = _Info(built, metadata)
+
+
+def test_expected_videos_from_metadata():
+  from centerclip_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  # The annotation's count when the builder recorded it ('listed').
+  b = _Builder({"test_1k": 2}, {"listed": {"test_1k": 1000}, "skipped": {"test_1k": []}})
+  assert evaluate.expected_videos(b, "test_1k") == 1000
+  # Else built + skipped at build time.
+  b = _Builder({"test": 7, "val": 3}, {"skipped": {"test": [{"video_id": "a"}] * 5}})
+  assert evaluate.expected_videos(b, "test") == 12
+  assert evaluate.expected_videos(b, "val") == 3
+  assert evaluate.expected_videos(_Builder({"test": 4}, None), "test") == 4
+
+
+def test_fewer_videos_than_expected_is_a_loud_warning():
+  from centerclip_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  counts = {"videos": 2, "captions": 2, "expected_videos": 1000}
+  warning = evaluate.count_warning(counts, "test_1k")
+  assert warning.startswith("WARNING") and "2 of its 1000 videos" in warning
+  assert evaluate.count_warning({"videos": 5, "captions": 9, "expected_videos": 5}, "t") == ""
+  results = metrics.evaluate_retrieval(np.eye(2), np.arange(2))
+  results.update(counts=counts, warning=warning)
+  table = evaluate.format_table(results)
+  assert "scored 2 videos and 2 captions (the annotation lists 1000 videos)" in table
+  assert table.splitlines()[-1] == warning
+  assert table.count("text_to_video") == 1
+
+
+def test_non_finite_embedding_names_the_example():
+  from centerclip_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  emb = np.ones((4, 3), np.float32)
+  evaluate.check_finite(emb, ["a", "b", "c", "d"], "eval video")
+  emb[2, 1] = np.nan
+  emb[3, 0] = np.inf
+  with pytest.raises(evaluate.NonFiniteEmbeddingError,
+                     match=r"eval video: non-finite .* 2 of 4: 'c', 'd'$"):
+    evaluate.check_finite(emb, ["a", "b", "c", "d"], "eval video")

@@ -162,3 +162,50 @@ def test_check_batch_divisible_errors():
     parallel.check_batch_divisible(0, mesh)
   with pytest.raises(ValueError, match="scalar"):
     parallel.host_batch_to_global({"x": np.float32(1.0)}, mesh)
+
+
+# ------------------------------------------------------------ eval on any device count
+
+
+def _eval_run(tmp, name, devices, batch_size):
+  env = _worker_env()
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  workdir = tmp / name
+  cmd = [sys.executable, "-m", "centerclip_jax.main", "--config",
+         str(REPO / "configs" / "demo.py"), "--workdir", str(workdir), "--config.mode=eval",
+         "--config.dataset=synthetic_video_text/tiny", f"--config.data_dir={tmp / 'tfds'}",
+         "--config.eval_split=test", f"--config.eval.batch_size={batch_size}"]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True), workdir
+
+
+@pytest.mark.slow
+def test_eval_runs_on_1_6_and_8_devices_with_any_batch(tmp_path):
+  """Eval-only (random demo weights, the tiny synthetic split of 8 videos) with eval
+  batches that do not divide the device count (5 on 6 devices, 3 on 8): the batches are
+  padded to a multiple of the devices, every video and caption is scored once, and the
+  metrics equal the 1-device run's."""
+  import json  # pylint: disable=g-import-not-at-top
+  first, workdir = _eval_run(tmp_path, "1dev", 1, 5)  # also builds the tiny dataset
+  log, _ = first.communicate(timeout=TIMEOUT_S)
+  assert first.returncode == 0, log[-4000:]
+  runs = {"1dev": workdir}
+  procs = {name: _eval_run(tmp_path, name, n, b) for name, n, b in
+           (("6dev", 6, 5), ("8dev", 8, 3))}
+  for name, (proc, wd) in procs.items():
+    log, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"{name}:\n{log[-4000:]}"
+    assert "devices: " + name[0] + " x cpu" in log
+    runs[name] = wd
+  results = {n: json.loads((wd / "results.json").read_text()) for n, wd in runs.items()}
+  ref = results["1dev"]
+  assert ref["counts"]["videos"] == ref["counts"]["expected_videos"] == 8
+  assert ref["counts"]["captions"] >= 8
+  assert ref["warning"] == ""
+  for name in ("6dev", "8dev"):
+    assert results[name]["counts"] == ref["counts"]
+    for direction in ("text_to_video", "video_to_text"):
+      for key in ("R@1", "R@5", "R@10", "MdR", "MnR"):
+        assert results[name]["metrics"][direction][key] == pytest.approx(
+            ref["metrics"][direction][key], abs=1e-6), (name, direction, key)

@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 from centerclip_jax import paths
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
 from centerclip_jax.weights import porting  # pylint: disable=g-import-not-at-top
 from centerclip_jax.weights import reference  # pylint: disable=g-import-not-at-top
 
@@ -46,6 +47,15 @@ def main(argv=None) -> int:
   log = logging.getLogger("convert_clip_weights")
   if args.output.exists() and not args.overwrite:
     log.error("%s exists; pass --overwrite to replace it", args.output)
+    return 2
+  if args.input.is_dir():
+    log.error("--input: %s is a folder; give the checkpoint file (e.g. ViT-B-32.pt)",
+              args.input)
+    return 1
+  try:  # before reading a large input: the output's folder must be writable
+    console.make_writable_dir(args.output.parent, "--output")
+  except console.UsageError as e:
+    log.error("%s", e)
     return 2
   start = time.perf_counter()
   try:

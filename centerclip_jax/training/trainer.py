@@ -26,13 +26,16 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 from clu import metric_writers
+import tqdm
 
 from centerclip_jax.training import checkpoints as checkpoints_lib
 from centerclip_jax import config as config_lib
+from centerclip_jax import console
 from centerclip_jax.evaluation import evaluate as evaluate_lib
 from centerclip_jax.training import losses
 from centerclip_jax.training import optim
 from centerclip_jax import parallel
+from centerclip_jax import paths
 from centerclip_jax.data import pipeline
 from centerclip_jax.weights import loading
 
@@ -42,15 +45,18 @@ SELECTION_METRIC = ("text_to_video", "R@1")
 def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The TFDS builder of `config.dataset`, prepared (the synthetic demo builds itself)."""
   import centerclip_jax.data.datasets  # pylint: disable=g-import-not-at-top,unused-import
-  data_dir = os.path.expanduser(config.data_dir) if config.data_dir else None
+  data_dir = os.fspath(paths.user_path(config.data_dir)) if config.data_dir else None
   try:
     builder = tfds.builder(config.dataset, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"config.dataset: unknown dataset {config.dataset!r} ({e})") from None
   if not builder.is_prepared():
     if config.dataset.split("/")[0] == "synthetic_video_text":
-      logging.info("building the synthetic demo dataset in %s", builder.data_dir)
-      builder.download_and_prepare()
+      console.say(f"building the synthetic demo dataset in {builder.data_dir} (once)")
+      with console.quiet_stdout():
+        tfds.display_progress_bar(False)
+        builder.download_and_prepare()
+        tfds.display_progress_bar(True)
     else:
       raise FileNotFoundError(
           f"config.data_dir: dataset {config.dataset!r} is not prepared at "
@@ -185,15 +191,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   config_lib.validate(config)
   parallel.initialize_distributed()
-  workdir_path = pathlib.Path(workdir).expanduser().resolve()
+  workdir_path = paths.user_path(workdir)  # local or gs://
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
+  say = console.say if is_main else logging.info
   mesh = parallel.make_mesh()
-  logging.info("devices: %d (%s) on %d host(s); workdir %s", jax.device_count(),
-               jax.devices()[0].platform, jax.process_count(), workdir_path)
-  logging.info("config:\n%s", config)
+  config_lib.validate_mesh(config, jax.device_count(), jax.process_count())
+  say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} on "
+      f"{jax.process_count()} host(s)")
+  logging.info("workdir %s; config:\n%s", workdir_path, config)
 
   builder = get_builder(config)
+  say(f"dataset {config.dataset} ({builder.data_dir}): " + ", ".join(
+      f"{s} {builder.info.splits[s].num_examples} videos" for s in
+      dict.fromkeys(x for x in (config.train_split, config.val_split, config.eval_split) if x)))
   model, params = loading.load_model(config)
   logging.info("model: %s; clustering steps: %s", model.clip_config, model.steps or "none")
   if is_main:
@@ -220,17 +231,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       logging.info("the final step is the best on %s, the eval split: reusing its metrics",
                    config.eval_split)
-    writer.write_scalars(int(results.get("train_steps", 0)), _flat(eval_results, "test"))
+    writer.write_scalars(int(results.get("train_steps", 0)),
+                         _flat(eval_results, f"eval_{config.eval_split}"))
     results["eval_split"] = config.eval_split
-    results["metrics"] = eval_results
-    logging.info("%s retrieval on %s:\n%s", config.dataset, config.eval_split,
-                 evaluate_lib.format_table(eval_results))
-    if is_main:
-      print(f"\n{config.dataset} / {config.eval_split}\n" + evaluate_lib.format_table(eval_results))
+    results["metrics"] = {k: v for k, v in eval_results.items()
+                          if k not in ("counts", "warning")}
+    results["counts"] = eval_results.get("counts")
+    results["warning"] = eval_results.get("warning", "")
+    say(f"\n{config.dataset} / {config.eval_split}\n" + evaluate_lib.format_table(eval_results))
   results["wall_time_s"] = time.time() - start_time
   writer.flush()
   if is_main:
     checkpoints_lib.write_json(workdir_path / "results.json", results)
+    say(f"results: {workdir_path / 'results.json'}; checkpoints: {workdir_path / 'checkpoints'}; "
+        f"TensorBoard: tensorboard --logdir {workdir_path}")
   return results
 
 
@@ -238,7 +252,6 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   """The training loop; returns (final params, info for results.json, and the metrics of
   the final params on the eval split when the selection eval already computed them)."""
   t = config.train
-  parallel.check_batch_divisible(t.global_batch_size, mesh)
   examples = config.data.get("train_examples", "videos")
   counts = (pipeline.caption_counts(builder, config.train_split) if examples == "captions"
             else None)
@@ -258,7 +271,10 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   restored = ckpt.restore_latest(state)
   if restored is not None:
     start_step, state, data_position, _ = restored
-    logging.info("resumed from step %d", start_step)
+    if jax.process_index() == 0:
+      console.say(f"resumed from step {start_step}")
+    else:
+      logging.info("resumed from step %d", start_step)
   state = parallel.replicate(state, mesh)
 
   micro_bs = t.global_batch_size // t.grad_accum_steps
@@ -284,6 +300,11 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   step_times = []
   last_selection = None
   accum = t.grad_accum_steps
+  if jax.process_index() == 0:
+    console.say(f"train: {total_steps} steps ({steps_per_epoch} per epoch) of "
+                f"{t.global_batch_size} examples")
+  bar = tqdm.tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
   for step in range(start_step, total_steps):
     for _ in range(accum):
       batch = next(train_iter)
@@ -291,6 +312,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       state, metrics = step_fn(state, batch)
       micro_step += 1
     timer.step()
+    bar.update(1)
     if not compile_done:
       jax.block_until_ready(metrics)
       compile_done = True
@@ -307,6 +329,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       writer.write_scalars(step + 1, scalars)
       logging.info("step %d/%d: loss %.4f, %.3f s/step", step + 1, total_steps,
                    scalars["loss"], dt)
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", refresh=False)
     end_of_epoch = (step + 1) % steps_per_epoch == 0
     epoch = (step + 1) // steps_per_epoch
     do_eval = (end_of_epoch and epoch % t.eval_every_epochs == 0) or step + 1 == total_steps
@@ -317,10 +340,13 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
     if do_eval and (config.mode == "train_and_eval" or config.val_split):
       sel = evaluate_lib.evaluate_split(model, state["params"], builder, select_split, config, mesh)
       last_selection = sel
-      writer.write_scalars(step + 1, _flat(sel, "val"))
+      writer.write_scalars(step + 1, _flat(sel, f"select_{select_split}"))
       value = sel[SELECTION_METRIC[0]][SELECTION_METRIC[1]]
       eval_metrics = {"/".join(SELECTION_METRIC): value}
       logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset, select_split, value)
+      if jax.process_index() == 0:
+        bar.write(f"epoch {epoch}, step {step + 1}: text_to_video R@1 on {select_split} "
+                  f"= {value:.2f}")
     preempted = preemption.reached(step + 1)  # read once per step, the same on every host
     if (do_eval or (step + 1) % t.checkpoint_every_steps == 0 or preempted
         or step + 1 == total_steps):
@@ -333,6 +359,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       ckpt.wait()
       logging.warning("preempted: saved step %d, exiting", step + 1)
       raise SystemExit(143)
+  bar.close()
   ckpt.wait()
   final = state["params"]
   best_step = ckpt.best_step()  # over every checkpoint of the run, before a resume too
