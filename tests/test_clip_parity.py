@@ -176,3 +176,26 @@ def test_bfloat16_compute(case):
   assert cos_image.min() > 0.99 and cos_text.min() > 0.99
   # bfloat16 really ran: the result is not bit-identical to float32.
   assert _max_diff(image, ref["image"]) > 1e-5
+
+
+def test_patch_embed_value_and_grads_equal_the_strided_conv():
+  """`clip.patch_project` (patchify + matmul, custom VJP) vs `lax.conv` and its autodiff."""
+  rng = np.random.default_rng(5)
+  images = jnp.asarray(rng.standard_normal((3, 16, 24, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((8, 8, 3, 5)) * 0.1, jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((3, 6, 5)), jnp.float32)
+
+  def conv(x, k):
+    y = jax.lax.conv_general_dilated(x, k, (8, 8), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision="highest")
+    return y.reshape(3, -1, 5)
+
+  ours = lambda x, k: clip_lib.patch_project(x, k, 8)
+  np.testing.assert_allclose(ours(images, kernel), conv(images, kernel), atol=1e-5)
+  loss = lambda f: lambda x, k: jnp.sum(f(x, k) * probe)
+  g_ours = jax.grad(loss(ours), argnums=(0, 1))(images, kernel)
+  g_conv = jax.grad(loss(conv), argnums=(0, 1))(images, kernel)
+  for a, b in zip(g_ours, g_conv):
+    assert np.abs(np.asarray(b)).max() > 0.1
+    np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,7 +1,7 @@
 """Flax Linen CLIP (ViT image tower + text tower), numerically OpenAI's CLIP.
 
 Module and parameter names follow the OpenAI state-dict keys, so that porting a
-checkpoint is a short table of rules (see `centerclip_jax/models/porting.py`):
+checkpoint is a short table of rules (see `centerclip_jax/weights/porting.py`):
 
   visual/{conv1, class_embedding, positional_embedding, ln_pre,
           transformer/resblocks_<i>/{ln_1, attn/{q_proj,k_proj,v_proj,out_proj}, ln_2,
@@ -20,6 +20,7 @@ insert token-clustering steps between blocks without rewriting the model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -144,6 +145,44 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def _patchify(images, p: int):
+  """[n, H, W, C] -> [n, (H/p) * (W/p), p * p * C], patches row-major, (kh, kw, C) inside."""
+  n, h, w, c = images.shape
+  x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def _unpatchify(x, shape, p: int):
+  n, h, w, c = shape
+  x = x.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def patch_project(images, kernel, p: int):
+  """images [n, H, W, C], kernel [p, p, C, width] -> [n, (H/p) * (W/p), width].
+
+  The stride-p convolution as patchify + one matmul. Its VJP recomputes the patches from
+  `images` instead of keeping a patchified copy of every frame alive for the backward pass.
+  """
+  return _patchify(images, p) @ kernel.reshape(-1, kernel.shape[-1])
+
+
+def _patch_project_fwd(images, kernel, p):
+  return patch_project(images, kernel, p), (images, kernel)
+
+
+def _patch_project_bwd(p, res, g):
+  images, kernel = res
+  k2 = kernel.reshape(-1, kernel.shape[-1])
+  dk = jnp.einsum("ntk,ntw->kw", _patchify(images, p), g).reshape(kernel.shape)
+  dx = _unpatchify(g @ k2.T, images.shape, p)
+  return dx.astype(images.dtype), dk.astype(kernel.dtype)
+
+
+patch_project.defvjp(_patch_project_fwd, _patch_project_bwd)
+
+
 class PatchEmbed(nn.Module):
   """`conv1`: the stride-`patch` convolution without bias, as one matmul over patches.
 
@@ -158,13 +197,10 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    n, h, w, c = images.shape
-    p = self.patch
+    c, p = images.shape[-1], self.patch
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width),
                         jnp.float32)
-    x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
-    return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype)
+    return patch_project(images.astype(self.dtype), kernel.astype(self.dtype), p)
 
 
 class MultiheadAttention(nn.Module):
