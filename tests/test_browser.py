@@ -59,13 +59,16 @@ def server(planted_index):
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   url = f"http://127.0.0.1:{port}"
   try:
-    for _ in range(1200):
+    deadline = time.time() + 900  # start-up loads the model and compiles every shape
+    while True:
       assert proc.poll() is None, proc.stdout.read()
       try:
-        if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
+        if requests.get(f"{url}/healthz", timeout=2).status_code == 200:
           break
-      except requests.ConnectionError:
-        time.sleep(0.1)
+      except requests.RequestException:
+        pass
+      assert time.time() < deadline, "serve did not become ready"
+      time.sleep(0.2)
     yield url
   finally:
     proc.terminate()

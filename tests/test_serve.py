@@ -150,8 +150,8 @@ def test_errors_are_json_never_a_trace(client, service, monkeypatch):
 
 def test_media_serves_only_index_files_inside_the_folder(client, planted_index, tmp_path):
   _, _, videos, index = planted_index
-  secret = tmp_path / "secret.mp4"
-  secret.write_bytes(b"secret")
+  secret = tmp_path / "outside.mp4"
+  secret.write_bytes(b"TOP-SECRET-BYTES")
   for url in ["/media/..%2F..%2Fetc%2Fpasswd", "/media/%2e%2e/index/manifest.json",
               "/media/../index/manifest.json", "/media//etc/passwd", "/media/notes.txt",
               f"/media/{ts.BROKEN}", "/media/sub", f"/media/{secret}",
@@ -159,7 +159,7 @@ def test_media_serves_only_index_files_inside_the_folder(client, planted_index, 
               "/static/..%2F..%2F__init__.py"]:
     r = client.get(url)
     assert r.status_code == 404, url
-    assert b"secret" not in r.content and b"entries" not in r.content, url
+    assert b"TOP-SECRET" not in r.content and b"entries" not in r.content, url
   # A video of the index replaced by a symlink to outside the folder: not served.
   a = videos / "a.mp4"
   saved = tmp_path / "a.mp4"
@@ -231,3 +231,22 @@ def test_reload_swaps_atomically_and_refuses_while_written(planted_index, tmp_pa
     assert r.status_code == 409 and "truncated or not JSON" in r.json()["error"]
     assert "still serving" in r.json()["error"]
     assert c.get("/stats").json()["videos"] == 4
+
+
+@pytest.mark.slow
+def test_load_test_tool_short_run(tmp_path):
+  """tools/load_test.py --demo, shortened: no errors, and the rebuilt index is switched in."""
+  import json
+  import subprocess
+  import sys
+  out = tmp_path / "load.json"
+  proc = subprocess.run([sys.executable, os.path.join(ts.REPO, "tools", "load_test.py"),
+                         "--demo", "--clients", "8", "--seconds", "3", "--json", str(out)],
+                        cwd=ts.REPO, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  steady, rebuild = json.loads(out.read_text())
+  for phase in (steady, rebuild):
+    assert phase["errors"] == 0, phase["first_errors"]
+    assert phase["requests"] > 8 and phase["p50_ms"] <= phase["p99_ms"]
+  assert rebuild["rebuild_rc"] == 0 and rebuild["reload_status"] == 200
+  assert rebuild["videos_before_reload"] == 64 and rebuild["videos_after_reload"] == 72

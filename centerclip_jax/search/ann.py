@@ -26,7 +26,7 @@ from centerclip_jax.search import store
 
 ANN_FILE = "ann.faiss"
 ANN_META = "ann.json"
-DEFAULT_NPROBE_SHARE = 1 / 16   # lists scanned per query, as a share of nlist
+DEFAULT_NPROBE_SHARE = 1 / 8    # lists scanned per query, as a share of nlist
 TRAIN_POINTS_PER_LIST = 64      # k-means training sample: this many rows per list
 
 
