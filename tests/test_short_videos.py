@@ -23,7 +23,7 @@ from centerclip_jax.training import trainer
 TINY = clip_lib.CLIPConfig(embed_dim=64, image_resolution=16, vision_layers=2, vision_width=64,
                            vision_patch_size=4, context_length=16, vocab_size=100,
                            transformer_width=64, transformer_heads=1, transformer_layers=1)
-ALGOS = ("kmedoids++", "spectral", "pooling", "sparse_sampling")
+ALGOS = ("kmedoids++", "spectral", "pooling", "sparse_sampling", "tome")
 HEADS = ("meanP", "seqTransf")
 VALID = (1, 2, 3)  # decoded frames of the batch's three videos
 
@@ -125,9 +125,14 @@ def test_short_videos_train_step_is_finite(algo, head, clip_params):
   frames, mask, text = short_batch(seed=2)
   tx = optax.adamw(1e-4)
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.PRNGKey(3)}
+           "rng": jax.random.PRNGKey(3), "nonfinite": jnp.int32(0),
+           "first_nonfinite": jnp.int32(0)}
   batch = {"frames": frames, "frame_mask": mask, "text": text}
   state, metrics = jax.jit(trainer.make_train_step(model, tx))(state, batch)
   assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
   assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+  assert int(state["nonfinite"]) == 0  # the update was applied, not dropped
   assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state["params"]))
+  changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         state["params"], params)
+  assert changed["clip"]["visual"]["conv1"]["kernel"]

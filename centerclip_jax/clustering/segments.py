@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from centerclip_jax.clustering import baselines
 from centerclip_jax.clustering import kmedoids
 from centerclip_jax.clustering import spectral
+from centerclip_jax.clustering import tome
 
-ALGOS = ("kmedoids++", "spectral", "pooling", "sparse_sampling")
+ALGOS = ("kmedoids++", "spectral", "pooling", "sparse_sampling", "tome")
 _ALGO_ALIASES = {"kmediods++": "kmedoids++"}  # the original code's spelling
 AGGREGATIONS = (None, "mean")
 
@@ -56,6 +57,7 @@ class ClusterSettings:
   spectral_graph: str = "HeatKernel"
   spectral_knn_k: int = 1
   svd_correct_sign: bool = True
+  proportional_attention: bool = True  # tome: log(size) on the attention logits
 
   def __post_init__(self):
     algo = _ALGO_ALIASES.get(self.algo, self.algo)
@@ -79,7 +81,7 @@ class ClusterSettings:
       raise ValueError(f"ClusterSettings.threshold={self.threshold!r}: use a finite "
                        "number >= 0.")
     object.__setattr__(self, "threshold", float(self.threshold))
-    for name in ("pre_norm", "svd_correct_sign"):
+    for name in ("pre_norm", "svd_correct_sign", "proportional_attention"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ClusterSettings.{name}={getattr(self, name)!r}: use True "
                          "or False.")
@@ -302,7 +304,8 @@ def cluster_step_with_info(
     *,
     cluster_embedding: Optional[jax.Array] = None,
     train: bool = False,
-    rng: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    rng: Optional[jax.Array] = None,
+    sizes: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """One clustering step on a batch of videos, and what it chose.
 
   Args:
@@ -313,14 +316,17 @@ def cluster_step_with_info(
     cluster_embedding: optional `[K, W]` added to the `K` centre tokens (not CLS).
     train: only sparse sampling behaves differently in training.
     rng: PRNG key for sparse sampling in training.
+    sizes: tome only: `[B*frames_before, N']` float32 sizes of the patch tokens from an
+      earlier merge (None: every token stands for one patch).
   Returns:
     (x_out `[B*frames_after, 1+K', W]` in `x.dtype`, mask_out `[B, frames_after]` in
     `frame_mask.dtype`, masks as `segment_mask` says), and info: a dict with
     'kept' `[S, K]` int32, the segment points each centre token comes from (medoids,
-    ascending, or the sparse samples; absent for pooling), 'sizes' `[S, K']` float32,
+    ascending, or the sparse samples; absent for pooling and tome), 'sizes' `[S, K']` float32,
     the input tokens each output token stands for (cluster members; `d` for pooling;
-    1 for sparse sampling), and for k-medoids++ / spectral 'assignment' `[S, M]` int32,
-    the cluster of every point. `S = B * frames_after`; points are frame-major.
+    1 for sparse sampling; the merged patches' total size for tome), and for k-medoids++,
+    spectral and tome 'assignment' `[S, M]` int32, the cluster (merged token) of every
+    point. `S = B * frames_after`; points are frame-major.
   """
   x = jnp.asarray(x)
   frame_mask = jnp.asarray(frame_mask)
@@ -342,6 +348,12 @@ def cluster_step_with_info(
                                             rng=rng)
     centres = jnp.take_along_axis(points, idx[:, :, None], axis=1)
     info = {"kept": idx.astype(jnp.int32), "sizes": jnp.ones((s, step.k), jnp.float32)}
+  elif settings.algo == "tome":
+    point_sizes = (jnp.ones(points.shape[:2], jnp.float32) if sizes is None
+                   else sizes.astype(jnp.float32).reshape(s, d * (t - 1)))
+    centres, merged_sizes, dest = jax.vmap(
+        lambda p, z: tome.merge_to_k(p, z, step.k))(points, point_sizes)
+    info = {"assignment": dest, "sizes": merged_sizes}
   else:
     assignment, medoids = cluster_segments(
         jax.lax.stop_gradient(points).astype(jnp.float32), step.k, settings, d)

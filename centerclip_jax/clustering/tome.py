@@ -103,3 +103,45 @@ def merge_to_k(x: jax.Array, size: jax.Array, k: int
 def size_bias(size: jax.Array) -> jax.Array:
   """Proportional attention's additive key bias: `log(size)` (`[..., T]` float32)."""
   return jnp.log(size.astype(jnp.float32))
+
+
+def merge_rows(x: jax.Array, sizes: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
+  """ToMe's per-block schedule: merge `r` patch tokens of every row, CLS protected.
+
+  x: `[n, 1+T, W]`, sizes: `[n, 1+T]` -> (`[n, 1+T-r, W]`, `[n, 1+T-r]`).
+  """
+  merged, merged_sizes, _ = jax.vmap(lambda t, z: bipartite_merge(t, z, r))(
+      x[:, 1:], sizes[:, 1:])
+  return (jnp.concatenate([x[:, :1], merged], axis=1),
+          jnp.concatenate([sizes[:, :1].astype(jnp.float32), merged_sizes], axis=1))
+
+
+def check_schedule(tome_r, steps, num_blocks: int, tokens_per_frame: int) -> tuple[int, ...]:
+  """Validates the per-block `tome_r` list against the clustering steps.
+
+  `tome_r[b]` (block `b + 1`) tokens are merged in every row before that block; it must be
+  0 before the first step and at most half the row's patch tokens. Returns the list as
+  ints (all zeros when empty). Raises ValueError naming the block.
+  """
+  tome_r = tuple(tome_r) or (0,) * num_blocks
+  if len(tome_r) != num_blocks:
+    raise ValueError(f"tome_r has {len(tome_r)} entries; it needs one per ViT block "
+                     f"({num_blocks}), or none.")
+  first = min((s.block for s in steps), default=num_blocks)
+  tokens = tokens_per_frame
+  at = {s.block: s for s in steps}
+  out = []
+  for b, r in enumerate(tome_r):
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+      raise ValueError(f"tome_r[{b}] (block {b + 1}) = {r!r}: use an int >= 0.")
+    if b in at:
+      tokens = at[b].k
+    if r and b < first:
+      raise ValueError(f"tome_r[{b}] (block {b + 1}) = {r}: merging starts at the first "
+                       f"clustering step (block {first + 1}); use 0 before it.")
+    if r > tokens // 2:
+      raise ValueError(f"tome_r[{b}] (block {b + 1}) = {r}: a row has only {tokens} patch "
+                       f"tokens there, so at most {tokens // 2} can merge.")
+    tokens -= r
+    out.append(int(r))
+  return tuple(out)

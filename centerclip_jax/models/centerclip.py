@@ -25,6 +25,7 @@ import ml_collections
 
 from centerclip_jax.models import settings as settings_lib
 from centerclip_jax.clustering import segments as segments_lib
+from centerclip_jax.clustering import tome as tome_lib
 from centerclip_jax.models import clip as clip_lib
 
 Dtype = Any
@@ -68,6 +69,7 @@ class CenterCLIP(nn.Module):
   max_frames: int
   steps: tuple[segments_lib.ClusterStep, ...] = ()
   settings: segments_lib.ClusterSettings = segments_lib.ClusterSettings()
+  tome_r: tuple[int, ...] = ()  # per block, tokens merged per row (cluster_algo 'tome')
   cluster_embedding: bool = False
   sim_header: str = "meanP"
   seq_transformer_layers: int = 4
@@ -103,31 +105,47 @@ class CenterCLIP(nn.Module):
       raise ValueError(f"expected {self.max_frames} frames per video, got {num_frames}")
     visual = self.clip.visual
     x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
-    mask, bias = frame_mask, None
+    mask, sizes = frame_mask, None
     for b in range(self.clip_config.vision_layers):
-      x, mask, bias = self._reduce(b, x, mask, bias, train)
-      x = visual.block(b, x, bias)
+      x, mask, sizes = self._reduce(b, x, mask, sizes, train)
+      x = visual.block(b, x, self._attention_bias(sizes))
     features = visual.head(x[:, 0])
     return features.reshape(batch, -1, features.shape[-1]), mask
 
-  def _reduce(self, b: int, x, mask, bias, train: bool):
-    """The token reduction before block `b` (if any): (x, mask, bias) -> the same.
+  def _reduce(self, b: int, x, mask, sizes, train: bool):
+    """The token reduction before block `b` (if any): (x, mask, sizes) -> the same.
 
-    Clustering keeps no attention bias. Another reduction family (e.g. token merging
-    with proportional attention) would carry its token sizes in `bias` here.
+    `sizes` `[rows, tokens]` float32 (CLS first) is carried only by token merging
+    (`cluster_algo='tome'`): how many input patches each token stands for; the other
+    algorithms keep None (no attention bias, exactly the original's blocks). With
+    `tome_r`, `tome_r[b]` more tokens of every row merge before block `b`.
     """
     i = next((i for i, step in enumerate(self.steps) if step.block == b), None)
-    if i is None:
-      return x, mask, bias
-    rng = None
-    if train and self.settings.algo == "sparse_sampling":
-      rng = self.make_rng("cluster")
-    x_out, mask_out, info = segments_lib.cluster_step_with_info(
-        x, mask, self.steps[i], self.settings,
-        cluster_embedding=self.cluster_embeddings[i] if self.cluster_embedding else None,
-        train=train, rng=rng)
-    self.sow("intermediates", f"cluster_step_{i}", dict(info, tokens=x, frame_mask=mask))
-    return x_out, mask_out, None
+    tome = self.settings.algo == "tome"
+    if i is not None:
+      rng = None
+      if train and self.settings.algo == "sparse_sampling":
+        rng = self.make_rng("cluster")
+      x_out, mask_out, info = segments_lib.cluster_step_with_info(
+          x, mask, self.steps[i], self.settings,
+          cluster_embedding=self.cluster_embeddings[i] if self.cluster_embedding else None,
+          train=train, rng=rng, sizes=None if sizes is None else sizes[:, 1:])
+      self.sow("intermediates", f"cluster_step_{i}", dict(info, tokens=x, frame_mask=mask))
+      x, mask = x_out, mask_out
+      if tome:
+        sizes = jnp.concatenate([jnp.ones_like(info["sizes"][:, :1]), info["sizes"]], axis=1)
+    r = self.tome_r[b] if self.tome_r else 0
+    if tome and r:
+      if sizes is None:
+        sizes = jnp.ones(x.shape[:2], jnp.float32)
+      x, sizes = tome_lib.merge_rows(x, sizes, r)
+    return x, mask, sizes
+
+  def _attention_bias(self, sizes):
+    """Proportional attention: `log(size)` added to every key's logits `[rows, 1, 1, T]`."""
+    if sizes is None or not self.settings.proportional_attention:
+      return None
+    return tome_lib.size_bias(sizes)[:, None, None, :]
 
   def encode_video(self, frames, frame_mask, train: bool = False):
     """frames [B, F, H, W, 3] (CLIP-normalised), frame_mask [B, F] -> [B, D] normalised."""
@@ -158,6 +176,7 @@ def build_model(model_cfg: ml_collections.ConfigDict,
       max_frames=int(model_cfg.max_frames),
       steps=settings_lib.cluster_plan(model_cfg, clip_config),
       settings=settings_lib.cluster_settings(model_cfg),
+      tome_r=settings_lib.tome_schedule(model_cfg, clip_config) if model_cfg.cluster_inter else (),
       cluster_embedding=bool(model_cfg.cluster_embedding) and bool(model_cfg.cluster_inter),
       sim_header=model_cfg.sim_header,
       seq_transformer_layers=int(model_cfg.seq_transformer_layers),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from centerclip_jax.clustering import segments as segments_lib
+from centerclip_jax.clustering import tome as tome_lib
 from centerclip_jax.models import clip as clip_lib
 
 SIM_HEADERS = ("meanP", "seqTransf")
@@ -31,7 +32,8 @@ def model_config(max_frames: int = 12, num_blocks: int = 12,
   m.seq_transformer_layers = 4    # seqTransf: layers copied from the CLIP text tower
   # Token clustering (names as in the authors' scripts).
   m.cluster_inter = 1             # 0 turns clustering off (the CLIP4Clip baseline)
-  m.cluster_algo = "kmedoids++"   # 'kmedoids++' ('kmediods++'), 'spectral', 'pooling', 'sparse_sampling'
+  # 'kmedoids++' ('kmediods++'), 'spectral', 'pooling', 'sparse_sampling', 'tome'
+  m.cluster_algo = "kmedoids++"
   half = num_blocks // 2
   m.target_frames_blocks = (max_frames,) * half + (max_frames // 3,) * (num_blocks - half)
   m.cluster_num_blocks = (tokens_per_frame,) * num_blocks
@@ -46,6 +48,11 @@ def model_config(max_frames: int = 12, num_blocks: int = 12,
   m.spectral_graph = "HeatKernel"
   m.spectral_knn_k = 1
   m.svd_correct_sign = True
+  # Token merging (cluster_algo='tome', clustering/tome.py): at each step a segment is
+  # merged down to the same K tokens; `tome_r` (one int per block, () for none) also merges
+  # r tokens per row before every later block, ToMe's own schedule.
+  m.tome_r = ()
+  m.tome_proportional_attention = True  # add log(token size) to the attention logits
   return m
 
 
@@ -63,7 +70,8 @@ def cluster_settings(m: ml_collections.ConfigDict) -> segments_lib.ClusterSettin
         threshold=float(m.cluster_threshold), pre_norm=bool(m.pre_norm),
         aggregation=aggregation, spectral_sigma=float(m.spectral_sigma),
         spectral_graph=m.spectral_graph, spectral_knn_k=int(m.spectral_knn_k),
-        svd_correct_sign=bool(m.svd_correct_sign))
+        svd_correct_sign=bool(m.svd_correct_sign),
+        proportional_attention=bool(m.get("tome_proportional_attention", True)))
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from None
 
@@ -78,6 +86,20 @@ def cluster_plan(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfig)
         clip_config.vision_layers, clip_config.num_patches)
   except ValueError as e:
     raise ValueError(f"config.model: {e}") from None
+
+
+def tome_schedule(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfig
+                  ) -> tuple[int, ...]:
+  """The per-block `tome_r` merges (all zeros unless cluster_algo is 'tome')."""
+  tome_r = tuple(m.get("tome_r", ()) or ())
+  steps = cluster_plan(m, clip_config)
+  if any(tome_r) and cluster_settings(m).algo != "tome":
+    _fail("model.tome_r", f"needs cluster_algo='tome', not {m.cluster_algo!r}")
+  try:
+    return tome_lib.check_schedule(tome_r, steps, clip_config.vision_layers,
+                                   clip_config.num_patches)
+  except ValueError as e:
+    raise ValueError(f"config.model.{e}") from None
 
 
 def validate_model(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfig) -> None:
@@ -98,3 +120,4 @@ def validate_model(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfi
           f"must be in [1, {clip_config.transformer_layers}] (copied from the text tower)")
   cluster_settings(m)
   cluster_plan(m, clip_config)
+  tome_schedule(m, clip_config)
