@@ -126,6 +126,30 @@ def staged_output(path: PathLike) -> Iterator[epath.Path]:
       local.copy(path, overwrite=True)
 
 
+@contextlib.contextmanager
+def staged_tree(path: PathLike, upload: bool = True) -> Iterator[epath.Path]:
+  """Yields a local folder with `path`'s files, for code that needs a local directory.
+
+  Local paths are yielded as they are. For a URI the folder is a temporary copy (empty
+  if `path` does not exist yet); with `upload`, it replaces `path` when the block
+  succeeds (nothing is uploaded if it raises). The copy is removed in any case.
+  """
+  path = user_path(path)
+  if not is_uri(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="centerclip-") as tmp:
+    local = epath.Path(tmp) / path.name
+    if path.is_dir():
+      copytree(path, local)
+    else:
+      local.mkdir()
+    yield local
+    if upload:
+      rmtree(path)
+      copytree(local, path)
+
+
 def replace(src: epath.Path, dst: epath.Path) -> None:
   """Moves `src` over `dst` (a file or a directory, replacing what is there).
 

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from centerclip_jax import paths
 from centerclip_jax import config as config_lib
 from centerclip_jax import parallel
 from centerclip_jax.inference import encoder as encode
@@ -123,6 +124,11 @@ def build_index(config: ml_collections.ConfigDict, videos_dir: os.PathLike,
     raise ValueError("search index runs on one host; start it without multi-host setup")
   if batch_size < 1 or save_every < 1:
     raise ValueError(f"batch_size ({batch_size}) and save_every ({save_every}) must be >= 1")
+  if paths.is_uri(index_dir):  # built in a local copy, uploaded when it is complete
+    with paths.staged_tree(index_dir) as local:
+      return build_index(config, videos_dir, local, batch_size=batch_size, fps=fps,
+                         save_every=save_every, rebuild=rebuild, workers=workers,
+                         follow_symlinks=follow_symlinks, ann=ann, progress=progress)
   videos_dir, index_dir = _check_dirs(videos_dir, index_dir)
   if not videos_dir.is_dir():
     raise ValueError(f"--videos {videos_dir}: not a directory; give the folder of videos "

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from centerclip_jax import paths as path_lib
 from centerclip_jax import config as config_lib
 from centerclip_jax import parallel
 from centerclip_jax.inference import encoder as encode
@@ -208,6 +209,9 @@ class Searcher:
     the index's. Raises SearchIndexError when the index is damaged or incomplete, or the
     checkpoint is not the one the index was built with.
     """
+    if path_lib.is_uri(index_dir):  # read from a temporary local copy
+      with path_lib.staged_tree(index_dir, upload=False) as local:
+        return cls.open(local, init_from=init_from, text_encoder=text_encoder)
     manifest, emb = index_lib.load_index(index_dir)
     config = index_lib.read_config(index_dir)
     if init_from is not None:
