@@ -100,14 +100,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "weights (`python tools/convert_clip_weights.py --input ViT-B-32.pt --output DIR`) "
           "and pass --config.init_from=DIR (or a training workdir), or set "
           "--config.allow_random_init=True")
-  if not config.init_from:
+  if not config.init_from:  # the architecture is known now: check the model keys against it
     if config.model.get("clip_dims"):
       try:
-        clip_lib.CLIPConfig.from_dict(config.model.clip_dims.to_dict())
+        arch = clip_lib.CLIPConfig.from_dict(config.model.clip_dims.to_dict())
       except (TypeError, ValueError) as e:
         _fail("model.clip_dims", str(e))
     else:
-      clip_lib.get_preset(config.model.arch)
+      arch = clip_lib.get_preset(config.model.arch)
+    settings_lib.validate_model(config.model, arch)
   t = config.train
   if t.global_batch_size < 1:
     _fail("train.global_batch_size", "must be >= 1")

@@ -143,3 +143,11 @@ def test_switches_accept_true_false_and_0_1():
   # Other keys and values are left alone.
   argv = ["p", "--config.model.cluster_algo=True", "--config.model.pre_norm=maybe", "True"]
   assert config_lib.normalize_switches(argv) == argv
+
+
+def test_validate_checks_model_keys_before_anything_loads():
+  c = config_lib.base_config()
+  c.allow_random_init = True
+  c.model.target_frames_blocks = (12,) * 6 + (5,) * 6
+  with pytest.raises(ValueError, match=r"config.model: block 7 \(target_frames_blocks\[6\]\)"):
+    config_lib.validate(c)

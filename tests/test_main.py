@@ -52,6 +52,18 @@ def test_train_and_eval_writes_everything(trained):
   assert results["selection_split"] == "test" and "no validation split" in results["selection_note"]
   assert results["config"]["model"]["cluster_inter"] == 1
   assert "text_to_video" in proc.stdout and "R@1" in proc.stdout   # the printed table
+  assert proc.stdout.count("text_to_video_dsl") == 1                # once, not twice
+  assert "devices: 1 x cpu" in proc.stdout and "train: 6 steps" in proc.stdout
+  assert str(workdir / "results.json") in proc.stdout
+  assert results["counts"] == {"videos": 8, "captions": results["counts"]["captions"],
+                               "expected_videos": 8} and results["warning"] == ""
+  assert "scored 8 videos" in proc.stdout
+  # Library INFO logs go to the log file, not the console.
+  log = (workdir / "log.txt").read_text()
+  assert "step 6/6" in log and "text_to_video" in log
+  for noise in ("Closing _NonBlockingMetadataStore", "step 6/6", "] Finished saving",
+                "Downloading and preparing"):
+    assert noise not in proc.stderr + proc.stdout, noise
   assert list(workdir.glob("events.out.tfevents*")), "no TensorBoard event file"
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps and steps[-1] == 6
@@ -71,12 +83,13 @@ def test_eval_only_from_workdir_reproduces_metrics(trained):
 
 def test_startup_errors_are_clear(tmp_path):
   proc = run_main("--config", str(REPO / "configs" / "msrvtt.py"), "--workdir", str(tmp_path / "w"),
-                  f"--config.data_dir={tmp_path / 'nothing'}")
+                  f"--config.data_dir={tmp_path / 'nothing'}", "--config.allow_random_init=True")
   assert proc.returncode != 0
   assert "not prepared" in proc.stderr and "prepare_data.py" in proc.stderr
   assert "Traceback" not in proc.stderr
   proc = run_main("--config", str(REPO / "configs" / "msrvtt.py"), "--workdir", str(tmp_path / "w"),
-                  "--config.model.target_frames_blocks=(12,12,12,12,12,12,5,5,5,5,5,5)")
+                  "--config.model.target_frames_blocks=(12,12,12,12,12,12,5,5,5,5,5,5)",
+                  "--config.allow_random_init=True")
   assert proc.returncode != 0 and "target_frames_blocks" in proc.stderr
   assert "Traceback" not in proc.stderr
 
@@ -100,7 +113,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(trained):
   tmp, full_run, _ = trained
   workdir = tmp / "killed"
   args = [sys.executable, "-m", "centerclip_jax.main", *tiny_args(tmp, workdir),
-          "--config.train.log_every_steps=1"]
+          "--config.train.log_every_steps=1", "--verbosity=1"]  # INFO lines on stderr too
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
   killed = False
@@ -114,7 +127,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(trained):
   assert saved and saved[-1] < 6
   resumed = run_main(*tiny_args(tmp, workdir))
   assert resumed.returncode == 0, resumed.stderr[-4000:]
-  assert f"resumed from step {saved[-1]}" in resumed.stderr
+  assert f"resumed from step {saved[-1]}" in resumed.stdout
   a, b = _final_params(full_run), _final_params(workdir)
   assert a.keys() == b.keys()
   for k in a:
