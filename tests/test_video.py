@@ -218,6 +218,18 @@ def test_truncated_stream_uses_what_decodes_and_says_so(tmp_path, codec, suffix)
     np.testing.assert_array_equal(got.frames, cut_frames[got.indices])
 
 
+def test_audio_longer_than_video_is_not_truncation(tmp_path):
+  path = vf.write_video_with_longer_audio(tmp_path / "av.mkv")  # Container: 10 s, video 4 s.
+  everything, _ = video.decode_video(path, fps=3, short_side=None)
+  want = _eval_choice(12)(len(everything))
+  for options, method in MODES.values():
+    got = sampled_decode.decode_sampled(path, fps=3, short_side=None, choose=_eval_choice(12),
+                                        **options)
+    assert got.method == method and not got.truncated
+    assert got.num_frames == len(everything) == 12
+    np.testing.assert_array_equal(got.frames, everything[want])
+
+
 @pytest.mark.parametrize("kind,message", [
     ("missing", "not found"), ("garbage", "cannot decode"),
     ("truncated", "cannot decode"), ("zero", "no frames")])

@@ -84,6 +84,33 @@ def write_video(path, *, num_frames: int = 20, fps: int = 10, width: int = 64,
   return path
 
 
+def write_video_with_longer_audio(path, *, video_s: int = 4, audio_s: int = 10) -> Path:
+  """A Matroska file (give .mkv) whose silent PCM audio outlasts its 25 fps h264 video, so
+  the container's duration is the audio's."""
+  path = Path(path)
+  with av.open(str(path), "w") as container:
+    video = container.add_stream("libx264", rate=25)
+    video.width, video.height, video.pix_fmt, video.gop_size = 48, 32, "yuv420p", 25
+    audio = container.add_stream("pcm_s16le", rate=8000)
+    audio.layout = "mono"
+    for i in range(25 * video_s):
+      frame = av.VideoFrame.from_ndarray(np.full((32, 48, 3), 2 * i, np.uint8), format="rgb24")
+      frame.pts, frame.time_base = i, Fraction(1, 25)
+      for packet in video.encode(frame):
+        container.mux(packet)
+    for packet in video.encode():
+      container.mux(packet)
+    for j in range(audio_s):
+      frame = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16",
+                                         layout="mono")
+      frame.sample_rate, frame.pts, frame.time_base = 8000, 8000 * j, Fraction(1, 8000)
+      for packet in audio.encode(frame):
+        container.mux(packet)
+    for packet in audio.encode():
+      container.mux(packet)
+  return path
+
+
 def write_garbage(path, num_bytes: int = 4096, seed: int = 0) -> Path:
   """A file of random bytes with a video suffix (a corrupt video)."""
   path = Path(path)

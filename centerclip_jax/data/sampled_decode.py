@@ -81,11 +81,13 @@ def _tolerant(source, status: _Status):
     status.error = f"{type(e).__name__}: {e}"
 
 
-def _declared_end(container, stream) -> Fraction | None:
-  """End time [s] of the stream by the container's header, None if not declared: the
-  later of its duration and its frame count over its frame rate (an AVI cut short keeps
-  the frame count of its header, while its duration is what the demuxer finds)."""
-  ends = []
+def _declared_end(container, stream) -> tuple[Fraction | None, bool]:
+  """(end time [s] of the stream by the container's header or None, whether that is the
+  video stream's own): the later of its duration and its frame count over its frame rate
+  (an AVI cut short keeps the frame count of its header, while its duration is what the
+  demuxer finds). The container's duration (Matroska) may be an audio track's, so it
+  counts as the video's only when the container holds nothing else."""
+  ends, own = [], bool(stream.duration or stream.frames) or len(container.streams) == 1
   base = Fraction(stream.start_time or 0) * Fraction(stream.time_base or 1)
   if stream.duration and stream.time_base:
     ends.append(base + Fraction(stream.duration) * Fraction(stream.time_base))
@@ -95,7 +97,7 @@ def _declared_end(container, stream) -> Fraction | None:
   rate = stream.average_rate or stream.guessed_rate
   if stream.frames and rate:
     ends.append(base + Fraction(stream.frames) / Fraction(rate))
-  return max(ends) if ends else None
+  return (max(ends) if ends else None), own
 
 
 def _frames_until(end: Fraction, lo: Fraction, step: Fraction) -> int:
@@ -180,14 +182,14 @@ def _stream_end(container, stream, declared: Fraction, lo: Fraction, rate, step)
   raise _Unreliable("cannot decode the end of the stream")
 
 
-def _truncated(declared: Fraction | None, last_t: Fraction, rate) -> bool:
-  if declared is None:
+def _truncated(declared: Fraction | None, own: bool, last_t: Fraction, rate) -> bool:
+  if declared is None or not own:
     return False
   frame = 1 / rate if rate else Fraction(0)
   return declared - last_t > max(Fraction(1, 2), 2 * frame)
 
 
-def _decode_seek(container, stream, step, short_side, choose, declared, max_gap):
+def _decode_seek(container, stream, step, short_side, choose, declared, own, max_gap):
   tb = Fraction(stream.time_base)
   lo = Fraction(stream.start_time) * tb
   rate = stream.average_rate or stream.guessed_rate
@@ -196,7 +198,7 @@ def _decode_seek(container, stream, step, short_side, choose, declared, max_gap)
   if first is None:
     raise _Unreliable("no frame")
   last_t, stop = _stream_end(container, stream, declared, lo, rate, step)
-  if _truncated(declared, last_t, rate):
+  if _truncated(declared, own, last_t, rate):
     raise _Unreliable("the stream ends before its declared duration")
   num_frames = _frames_until(stop, lo, step)
   if num_frames == 0:
@@ -226,7 +228,7 @@ def _decode_stream(path, step, short_side, choose, keep_limit):
   with av.open(path) as container:
     stream = video.video_stream(container, path)
     status, convert = _Status(), video.FrameConverter(short_side)
-    declared = _declared_end(container, stream)
+    declared, own = _declared_end(container, stream)
     rate = stream.average_rate or stream.guessed_rate
     kept, count = [], 0
     for frame in ticks(container, stream, status):
@@ -252,7 +254,7 @@ def _decode_stream(path, step, short_side, choose, keep_limit):
           if len(out) == len(wanted):
             break
   truncated = status.error is not None or _truncated(
-      declared, status.last_t, Fraction(rate) if rate else None)
+      declared, own, status.last_t, Fraction(rate) if rate else None)
   expected = _frames_until(declared, origin, step) if declared is not None else None
   return out, indices, count, expected, truncated
 
@@ -276,13 +278,14 @@ def decode_sampled(path: str | os.PathLike, *, fps: float, short_side: int | Non
     result = None
     with av.open(path) as container:
       stream = video.video_stream(container, path)
-      declared = _declared_end(container, stream)
+      declared, own = _declared_end(container, stream)
       lo = Fraction(stream.start_time or 0) * Fraction(stream.time_base or 1)
       if (declared is not None and stream.start_time is not None and stream.time_base
           and declared - lo > seek_after_s):
         try:
           out, indices, count, expected = _decode_seek(
-              container, stream, step, short_side, choose, declared, Fraction(max_gap_s))
+              container, stream, step, short_side, choose, declared, own,
+              Fraction(max_gap_s))
           result = (out, indices, count, expected, False, "seek")
         except (_Unreliable, av.FFmpegError):
           result = None
