@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import benchmark  # tools/benchmark.py (the script's folder is on sys.path)
+import benchmark  # tools/benchmark.py, beside this script
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 
