@@ -141,3 +141,53 @@ def test_convert_weights_into_the_bucket(gcs, tmp_path):
     np.testing.assert_array_equal(flat[k], flat2[k])
   meta = json.loads(paths.user_path(out + "/conversion.json").read_text())
   assert meta["source_sha256"] == porting.file_sha256(source)
+
+
+# ----------------------------------------------------------------------------- main, in a bucket
+
+
+def _main(*args, timeout=900, **popen):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  cmd = [sys.executable, "-m", "centerclip_jax.main", *args]
+  if popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, **popen)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny(gcs, workdir):
+  return ["--config", os.path.join(REPO, "configs", "demo.py"), "--workdir", workdir,
+          "--config.dataset=synthetic_video_text/tiny", f"--config.data_dir={gcs.url('tfds')}",
+          "--config.train.num_train_steps=6", "--config.train.global_batch_size=8",
+          "--config.train.log_every_steps=1", "--config.eval.batch_size=4", "--config.val_split="]
+
+
+def _params(workdir, step=6):
+  import jax
+  import orbax.checkpoint as ocp
+  from centerclip_jax.training import checkpoints
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.restore(paths.user_path(workdir) / "checkpoints" / str(step) / checkpoints.STATE)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs):
+  """The demo (tiny) trained with workdir and data_dir in the bucket; nothing local."""
+  workdir = gcs.url("runs/full")
+  proc = _main(*_tiny(gcs, workdir))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+@pytest.mark.slow
+def test_train_with_everything_in_the_bucket(gcs, bucket_run):
+  workdir, proc = bucket_run
+  root = paths.user_path(workdir)
+  results = json.loads((root / "results.json").read_text())
+  assert results["train_steps"] == 6 and 0 <= results["metrics"]["text_to_video"]["R@1"] <= 100
+  assert [p.name for p in root.iterdir() if p.name.startswith("events.out.tfevents")]
+  assert (root / "checkpoints" / "6").is_dir() and (root / "config.json").exists()
+  built = paths.user_path(gcs.url("tfds/synthetic_video_text/tiny/1.0.0"))
+  assert (built / "dataset_info.json").exists()
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # never a local folder named gs:
