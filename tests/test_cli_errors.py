@@ -116,7 +116,7 @@ def search_cases(f):
       "index_batch_zero": ([*SEARCH, *index, "--batch_size=0"], ("--batch_size", ">= 1")),
       "index_fps_negative": ([*SEARCH, *index, "--fps=-1"], ("--fps", "> 0")),
       "index_misspelt_key": ([*SEARCH, *index, "--config.modle.max_frames=4"],
-                             ("--config.modle", 'did you mean "model"')),
+                             ("--config.modle.max_frames", "no field 'modle'", "did you mean")),
       "index_random_weights": ([*SEARCH, *index], ("config.init_from",)),
       "query_top_k_zero": ([*SEARCH, "query", "--index", str(f / "idx"), "--top_k=0", "a dog"],
                            ("--top_k", ">= 1")),

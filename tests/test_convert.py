@@ -363,7 +363,7 @@ def test_cli_converts_verifies_and_refuses_to_overwrite(files, plain, tmp_path):
   _assert_trees_equal(params, plain[3])
   stamp = (out / "conversion.json").read_text()
   again = _run_tool("--input", files["plain"], "--output", out)
-  assert again.returncode == 2 and "--overwrite" in again.stdout
+  assert again.returncode == 2 and "--overwrite" in again.stderr
   assert (out / "conversion.json").read_text() == stamp
 
 

@@ -166,6 +166,8 @@ def test_check_batch_divisible_errors():
 
 # ------------------------------------------------------------ eval on any device count
 
+EVAL_TIMEOUT_S = 900  # each run builds or reads the tiny split, compiles and evaluates
+
 
 def _eval_run(tmp, name, devices, batch_size):
   env = _worker_env()
@@ -188,13 +190,13 @@ def test_eval_runs_on_1_6_and_8_devices_with_any_batch(tmp_path):
   metrics equal the 1-device run's."""
   import json  # pylint: disable=g-import-not-at-top
   first, workdir = _eval_run(tmp_path, "1dev", 1, 5)  # also builds the tiny dataset
-  log, _ = first.communicate(timeout=TIMEOUT_S)
+  log, _ = first.communicate(timeout=EVAL_TIMEOUT_S)
   assert first.returncode == 0, log[-4000:]
   runs = {"1dev": workdir}
   procs = {name: _eval_run(tmp_path, name, n, b) for name, n, b in
            (("6dev", 6, 5), ("8dev", 8, 3))}
   for name, (proc, wd) in procs.items():
-    log, _ = proc.communicate(timeout=TIMEOUT_S)
+    log, _ = proc.communicate(timeout=EVAL_TIMEOUT_S)
     assert proc.returncode == 0, f"{name}:\n{log[-4000:]}"
     assert "devices: " + name[0] + " x cpu" in log
     runs[name] = wd

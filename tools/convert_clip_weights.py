@@ -99,6 +99,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
+  # Progress on stdout, warnings and errors (one line each) on stderr.
+  _out, _err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+  _out.addFilter(lambda record: record.levelno < logging.WARNING)
+  _err.setLevel(logging.WARNING)
+  for _h in (_out, _err):
+    _h.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+  logging.basicConfig(level=logging.WARNING, handlers=[_out, _err])
   logging.getLogger("convert_clip_weights").setLevel(logging.INFO)
   sys.exit(main())
