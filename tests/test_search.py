@@ -85,7 +85,7 @@ def built(tmp_path_factory):
   # Two simulated CPU devices: batches of 2 are sharded 1 + 1 (checked against `encode`).
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return root, ckpt, videos, index, proc.stdout
 

@@ -45,8 +45,8 @@ def scan_videos(root: os.PathLike, exclude: Iterable[os.PathLike] = (), *,
 
   Files under any `exclude` directory (e.g. the index itself) and hidden files are
   skipped. A symlink (file or folder) whose target is outside `root` is skipped (its
-  relative path appended to `skipped_links`) unless `follow_symlinks`; symlinked folders
-  are descended only with `follow_symlinks` (each real folder once).
+  relative path appended to `skipped_links`) unless `follow_symlinks`; a symlinked folder
+  inside `root` is not descended (its files are found under their real path).
   """
   root = pathlib.Path(root).resolve()
   if not root.is_dir():
@@ -62,9 +62,12 @@ def scan_videos(root: os.PathLike, exclude: Iterable[os.PathLike] = (), *,
       real = (here / d).resolve()
       if d.startswith(".") or real in excluded or real in seen_dirs:
         continue
-      if (here / d).is_symlink() and not (follow_symlinks or _inside(real, root)):
-        skipped.append((here / d).relative_to(root).as_posix())
-        continue
+      if (here / d).is_symlink():
+        if _inside(real, root):
+          continue  # its files are found under their real folder
+        if not follow_symlinks:
+          skipped.append((here / d).relative_to(root).as_posix())
+          continue
       seen_dirs.add(real)
       keep.append(d)
     dirnames[:] = keep
