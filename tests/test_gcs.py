@@ -191,3 +191,16 @@ def test_train_with_everything_in_the_bucket(gcs, bucket_run):
   built = paths.user_path(gcs.url("tfds/synthetic_video_text/tiny/1.0.0"))
   assert (built / "dataset_info.json").exists()
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # never a local folder named gs:
+
+
+@pytest.mark.slow
+def test_eval_only_from_the_bucket_reproduces_metrics(gcs, bucket_run):
+  workdir, _ = bucket_run
+  evaldir = gcs.url("runs/eval")
+  proc = _main(*_tiny(gcs, evaldir), "--config.mode=eval", f"--config.init_from={workdir}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  first = json.loads(paths.user_path(workdir + "/results.json").read_text())["metrics"]
+  again = json.loads(paths.user_path(evaldir + "/results.json").read_text())["metrics"]
+  for direction in ("text_to_video", "video_to_text"):
+    for key in ("R@1", "R@5", "R@10", "MdR", "MnR"):
+      assert again[direction][key] == pytest.approx(first[direction][key], abs=1e-6)
