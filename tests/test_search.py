@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -236,7 +235,8 @@ def planted(built, reference, tmp_path_factory):
   row = next(e["row"] for e in manifest["entries"] if e["path"] == "sub/b.avi")
   emb = emb.copy()
   emb[row] = reference[1][CAPTIONS[0]]
-  np.save(dst / index_lib.EMBEDDINGS_FILE, emb)
+  index_lib.store.save(dst, emb, {e["path"]: e for e in manifest["entries"]},
+                       {k: v for k, v in manifest.items() if k != "entries"}, complete=True)
   return dst, emb
 
 
@@ -389,12 +389,14 @@ def test_non_finite_embedding_is_an_error_entry(built, monkeypatch, tmp_path):
   out = tmp_path / "index"
   s = search.build_index(tiny_config(ckpt), videos, out, batch_size=1, workers=1,
                          progress=False)
-  assert "a.mp4" in s.errors and "not finite" in s.errors["a.mp4"]
+  # d.npy holds a.mp4's frames, so it gets the NaN too.
+  assert sorted(s.errors) == sorted([BROKEN, "a.mp4", "d.npy"])
+  assert "not finite" in s.errors["a.mp4"]
   assert str(videos.resolve() / "a.mp4") in s.errors["a.mp4"]
   manifest, emb = index_lib.load_index(out)
   entry = {e["path"]: e for e in manifest["entries"]}["a.mp4"]
   assert entry["status"] == "error" and "row" not in entry
-  assert emb.shape[0] == 2 and np.isfinite(emb).all()
+  assert emb.shape[0] == 1 and np.isfinite(emb).all()
 
 
 def test_lock_refuses_a_second_writer_and_takes_over_a_stale_lock(built, tmp_path, caplog):
@@ -414,37 +416,6 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_stale_lock(built, tmp_pat
   with caplog.at_level("WARNING"):
     s = search.build_index(tiny_config(ckpt), videos, index2, progress=False)
   assert len(s.reused) == 3 and "stale lock of pid 4194311" in caplog.text
-
-
-@pytest.mark.slow
-def test_two_index_runs_at_once(built, tmp_path):
-  """Two CLI runs on one index: the second refuses with one line, the first finishes."""
-  _, ckpt, videos, _, _ = built
-  out = tmp_path / "index"
-  cmd = [sys.executable, "-m", "centerclip_jax.search", "index", "--config",
-         os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={ckpt}",
-         *MODEL_FLAGS, "--videos", str(videos), "--index", str(out), "--workers", "1"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-  first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-  try:
-    lock = out / index_lib.store.LOCK_FILE
-    for _ in range(600):
-      if lock.exists() and index_lib.store.is_locked(out):
-        break
-      assert first.poll() is None, first.communicate()
-      time.sleep(0.1)
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    stdout, stderr = first.communicate(timeout=300)
-  finally:
-    first.kill()
-  assert second.returncode == 2
-  errors = [l for l in second.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1 and f"pid {first.pid}" in errors[0], second.stderr[-2000:]
-  assert first.returncode == 0, stderr[-2000:]
-  manifest, emb = index_lib.load_index(out)  # complete and consistent
-  assert manifest["complete"] and emb.shape == (3, 32)
 
 
 def test_symlinks_outside_the_folder_are_not_followed(tmp_path):
@@ -493,7 +464,8 @@ def test_ann_index_is_used_and_kept_current(built, tmp_path):
   ann = search.Searcher.open(index2)
   assert ann.method.startswith("ann: faiss") and brute.method == "brute force (exact)"
   for a, b in zip(ann.search(CAPTIONS, 3), brute.search(CAPTIONS, 3)):
-    assert [h.path for h in a.hits] == [h.path for h in b.hits]
+    # a.mp4 and d.npy have the same frames: a tie the two may order differently.
+    assert sorted(h.path for h in a.hits) == sorted(h.path for h in b.hits)
     np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-5)
   # An ANN that no longer matches the embeddings is refused, and updates rebuild it.
   manifest, emb = index_lib.load_index(index2)
