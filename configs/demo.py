@@ -15,6 +15,7 @@ def get_config(arg: str = "centerclip"):
   if arg not in ("centerclip", "baseline"):
     raise ValueError(f"configs/demo.py: argument must be centerclip or baseline, got {arg!r}")
   c = config_lib.base_config()
+  c.allow_random_init = True      # trained from scratch: no CLIP weights to convert
   c.dataset = "synthetic_video_text"
   c.train_split = "train"
   c.val_split = "val"
