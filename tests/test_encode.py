@@ -199,3 +199,25 @@ def test_captions_invalid_utf8_and_huge_lines_are_clear_errors(tmp_path):
   huge.write_text("short\n" + "word " * 2_000_000 + "\n")  # a 10 MB line
   with pytest.raises(encode.InputError, match=r"huge.txt: line 2 has 10000000 characters"):
     encode.read_captions(str(huge))
+
+
+@pytest.mark.parametrize("algo", ["kmedoids++", "tome"])
+def test_one_two_three_frame_videos_encode_finite(setup, tmp_path, algo):
+  """Videos of 1, 2 and 3 decoded frames under a 12-frame `B2 - 4` plan: finite, unit-norm
+  embeddings (the original rule would give 0/0 for the 1- and 2-frame ones)."""
+  root, _ = setup
+  rng = np.random.default_rng(7)
+  paths = []
+  for n in (1, 2, 3):
+    path = tmp_path / f"short{n}.npy"
+    np.save(path, rng.integers(0, 255, (n, 32, 40, 3), dtype=np.uint8))
+    paths.append(str(path))
+  c = tiny_config(root)
+  c.model = config_lib.model_config(max_frames=12, num_blocks=2, tokens_per_frame=16)
+  c.model.target_frames_blocks = (12, 4)
+  c.model.cluster_num_blocks = (16, 8)
+  c.model.cluster_algo = algo
+  out = encode.encode(c, paths, [], batch_size=3)
+  v = out["video_embeddings"]
+  assert v.shape == (3, 32) and np.all(np.isfinite(v))
+  np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, atol=1e-5)
