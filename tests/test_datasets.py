@@ -327,7 +327,6 @@ def _run_tool(cwd, *args):
                         capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-@pytest.mark.slow
 def test_prepare_data_bad_inputs_give_one_line(raw, tmp_path):
   """Each bad input: exit status 2, one `error:` line naming the flag or file, no traceback;
   a missing annotation file is reported before TFDS prints anything."""
