@@ -34,6 +34,9 @@ from centerclip_jax.weights import porting
 from tests import frames_reference as ref
 from tests import video_fixtures as vf
 
+# Compile-heavy: in the slow set (`pytest -m slow`), outside CI's 25-minute budget.
+pytestmark = pytest.mark.slow
+
 MEAN = np.asarray(ref.CLIP_MEAN)
 STD = np.asarray(ref.CLIP_STD)
 LEVEL = 1.0 / 255.0 / STD.min() + 1e-5  # One uint8 step after normalisation.

@@ -13,6 +13,9 @@ import pytest
 
 from centerclip_jax import paths
 
+# Compile-heavy: in the slow set (`pytest -m slow`), outside CI's 25-minute budget.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -13,6 +13,9 @@ from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 from tests import tome_reference as ref
 
+# Compile-heavy: in the slow set (`pytest -m slow`), outside CI's 25-minute budget.
+pytestmark = pytest.mark.slow
+
 TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=16, vision_layers=3, vision_width=64,
                            vision_patch_size=4, context_length=16, vocab_size=100,
                            transformer_width=32, transformer_heads=2, transformer_layers=1)

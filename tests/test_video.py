@@ -164,6 +164,7 @@ def _eval_choice(max_frames):
   return lambda t: ref.sample_frame_indices(t, max_frames)[0][:min(t, max_frames)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("container", CONTAINERS, ids=lambda c: f"{c[1]}{c[0]}")
 def test_sampled_decode_equals_decoding_everything(containers, container, mode):
