@@ -112,13 +112,15 @@ def test_cli_draws_medoid_outlines(setup, tmp_path):
   cmd = [sys.executable, os.path.join(REPO, "tools", "visualize_clusters.py"), "--config",
          os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={root / 'clip'}",
          "--config.model.max_frames=4", f"--config.model.target_frames_blocks={TFB}",
-         f"--config.model.cluster_num_blocks={CNB}", "--video", str(video),
+         f"--config.model.cluster_num_blocks={CNB}", f"--config.data.decode_short_side={RES}",
+         "--video", str(video),
          "--output", str(out), "--scale", str(SCALE)]
   proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # The pictures, and the run's library log (visualize writes OUTPUT/log.txt).
   assert sorted(p.name for p in out.iterdir()) == [
-      "step1_segment0.png", "step1_segment1.png", "step2_segment0.png"]
+      "log.txt", "step1_segment0.png", "step1_segment1.png", "step2_segment0.png"]
   mean = np.asarray(frame_lib.CLIP_MEAN, np.float32)
   std = np.asarray(frame_lib.CLIP_STD, np.float32)
   rgb = np.clip(np.round((frames * std + mean) * 255), 0, 255)  # the input frames in RGB
