@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the whole test session and every subprocess it
+# starts (the end-to-end runs compile the same demo programs again and again). Programs
+# that compile in under half a second are not cached. Delete the folder to start cold.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "centerclip_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 
