@@ -9,17 +9,17 @@ r"""Embeddings for your own videos and captions.
 already extracted frames; they take the frame path evaluation uses
 (`centerclip_jax.inference.encoder`). Captions: a UTF-8 text file, one caption per line.
 
-Output `.npz` (the `.npz` suffix is added if missing): `video_embeddings [V, D]`,
-`text_embeddings [C, D]` (float32, L2-normalised, input order), `video_paths`,
-`captions`, `logit_scale` (already exp'ed). Logs go to `OUT.log` next to the output
-(and to the console with `--verbosity=1`). Bad input: one `error:` line, exit 2, before
+Output `.npz`, local or `gs://` (the `.npz` suffix is added if missing):
+`video_embeddings [V, D]`, `text_embeddings [C, D]` (float32, L2-normalised, input order),
+`video_paths`, `captions`, `logit_scale` (already exp'ed). Logs go to `OUT.log` next to a
+local output (for a bucket output to `$TMPDIR/centerclip_jax/`), and to the console with
+`--verbosity=1`. Bad input: one `error:` line, exit 2, before
 any compute.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,6 +31,7 @@ import numpy as np
 
 from centerclip_jax import config as config_lib
 from centerclip_jax import console
+from centerclip_jax import paths
 from centerclip_jax.inference import encoder
 from centerclip_jax.inference.encoder import InputError
 
@@ -72,12 +73,21 @@ def expand_multi(argv: Sequence[str], names: Sequence[str] = MULTI_FLAGS) -> lis
   return out
 
 
-def output_path(output: str) -> pathlib.Path:
-  """The file the result goes to (`.npz` added as numpy does), checked writable."""
-  path = pathlib.Path(output).expanduser()
+def output_path(output: str):
+  """The file the result goes to (`.npz` added as numpy does), checked writable; an
+  `epath.Path`, local or gs://."""
+  path = paths.user_path(output)
   if path.suffix != ".npz" and not path.is_dir():
     path = path.with_name(path.name + ".npz")
   return console.check_output_file(path, "--output")
+
+
+def log_path(out):
+  """`OUT.log` beside a local output; for a gs:// output, $TMPDIR/centerclip_jax/<name>.log
+  (logging cannot append to an object in a bucket)."""
+  if paths.is_uri(out):
+    return console.default_log_dir() / out.with_suffix(".log").name
+  return out.with_suffix(".log")
 
 
 def main(argv, cli_flags: dict):
@@ -99,7 +109,7 @@ def main(argv, cli_flags: dict):
     out = output_path(output)
     encoder.check_fps(fps)
     config_lib.validate(config)
-    log = console.setup_logging(out.with_suffix(".log"))
+    log = console.setup_logging(log_path(out))
     captions = encoder.read_captions(captions_file) if captions_file else []
     missing = [v for v in videos if not os.path.isfile(v)]
     if missing:
@@ -111,7 +121,8 @@ def main(argv, cli_flags: dict):
     result = encoder.encode(config, videos, captions, fps=fps, batch_size=batch_size)
     evaluate_lib.check_finite(result["video_embeddings"], list(videos), "encode: video")
     evaluate_lib.check_finite(result["text_embeddings"], captions, "encode: caption")
-    np.savez(out, **result)
+    with paths.staged_output(out) as local:  # written locally, then uploaded for gs://
+      np.savez(os.fspath(local), **result)
   console.say(f"wrote {len(result['video_embeddings'])} video and "
               f"{len(result['text_embeddings'])} text embeddings to {out}")
 

@@ -3,6 +3,7 @@
   python tools/prepare_data.py msrvtt --manual_dir RAW --data_dir OUT \
       [--num_workers N] [--fps 3] [--short_side 224] [--keep_frame_cache] \
       [--overwrite] [--benchmark]
+      [--beam_runner DirectRunner|DataflowRunner|... [--beam_pipeline_options K=V,...]]
   python tools/prepare_data.py msrvtt --data_dir OUT --verify
 
 Datasets: msrvtt, msvd, lsmdc, activitynet_captions, didemo (each builder's
@@ -16,8 +17,15 @@ Prints the build report (per split: videos listed, written, missing,
 undecodable, short; the first ids of each list; every id is in
 build_report.txt in the dataset's folder) and the build time per video;
 `--benchmark` then times the tf.data training pipeline on the built data.
+`--beam_runner` builds in an Apache Beam pipeline instead (TFDS's distributed
+path; `pip install -r requirements-beam.txt`): the same examples and report.
 `--verify` reads every example of a built dataset, decodes every frame and
 lists the bad ones (exit status 1 if any).
+
+Both folders may be in a bucket (`gs://...`). A bucket --manual_dir is read
+through a local copy of what the build needs (every file that is not a video,
+i.e. the annotations, then only the videos the annotations name), in $TMPDIR,
+removed when the build ends; the reports name the bucket paths.
 
 TFDS CLI alternative (default config fps3_224, all cores, cache kept):
 
@@ -28,8 +36,10 @@ TFDS CLI alternative (default config fps3_224, all cores, cache kept):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--benchmark_batch_size", type=int, default=32)
   parser.add_argument("--verify", action="store_true",
                       help="read every example of the built dataset and list the bad ones")
+  parser.add_argument("--beam_runner", help="build in an Apache Beam pipeline on this runner "
+                      "(DirectRunner, DataflowRunner, ...; needs requirements-beam.txt) "
+                      "instead of the process pool")
+  parser.add_argument("--beam_pipeline_options", default="",
+                      help="comma-separated Beam options without '--', e.g. "
+                      "project=P,region=R,temp_location=gs://b/tmp")
   return parser.parse_args(argv)
 
 
@@ -91,11 +107,70 @@ def _check_args(args) -> str | None:
     return f"--fps ({args.fps:g}) and --short_side ({args.short_side}) must be > 0"
   if args.verify:
     return None
+  if args.beam_runner or args.beam_pipeline_options:
+    try:
+      import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      return "--beam_runner needs Apache Beam: pip install -r requirements-beam.txt"
   if not args.manual_dir:
     return "--manual_dir is required (the folder with the downloaded annotations and videos)"
   if "://" not in args.manual_dir and not os.path.isdir(args.manual_dir):  # gs:// read by TF
     return f"--manual_dir {args.manual_dir} is not a folder"
   return None
+
+
+def _copy_tree(remote, local: Path, keep) -> int:
+  """Copies the files under `remote` (an epath) for which keep(relative, name) holds;
+  returns how many."""
+  copied = 0
+  for child in sorted(remote.iterdir(), key=lambda c: c.name):
+    if child.is_dir():
+      copied += _copy_tree(child, local / child.name, keep)
+    elif keep(child):
+      local.mkdir(parents=True, exist_ok=True)
+      child.copy(local / child.name, overwrite=True)
+      copied += 1
+  return copied
+
+
+def _stage_manual_dir(uri: str, builder, local: Path) -> Path:
+  """A local copy of what the build reads from the bucket folder `uri` (see the doc)."""
+  from centerclip_jax import paths  # pylint: disable=g-import-not-at-top
+  from centerclip_jax.data.datasets import common  # pylint: disable=g-import-not-at-top
+  remote = paths.user_path(uri)
+  if not remote.is_dir():
+    raise FileNotFoundError(f"--manual_dir {uri}: no such folder in the bucket")
+
+  def is_video(p) -> bool:
+    return p.name.lower().endswith(common.VIDEO_EXTENSIONS)
+
+  _copy_tree(remote, local, lambda p: not is_video(p))  # annotations (and other small files)
+  wanted = {c for jobs in builder.read_annotations(local).values() for job in jobs
+            for c in job.candidates}
+  videos = _copy_tree(remote, local, lambda p: is_video(p) and (
+      p.name in wanted or os.path.splitext(p.name)[0] in wanted))
+  print(f"--manual_dir {uri}: copied the annotations and {videos} named videos to {local}")
+  return local
+
+
+def _name_bucket_paths(builder, local: Path, uri: str) -> None:
+  """After a build from a staged --manual_dir: metadata and report name `uri`, not the
+  temporary copy."""
+  text = json.dumps(dict(builder.info.metadata)).replace(os.fspath(local), uri.rstrip("/"))
+  builder.info.metadata.clear()
+  builder.info.metadata.update(json.loads(text))
+  builder.info.metadata.save_metadata(builder.data_path)
+  builder._post_download_and_prepare_hook()  # pylint: disable=protected-access  # the report
+
+
+def _beam_config(args) -> dict:
+  """DownloadConfig's beam_runner / beam_options ({} for the process pool)."""
+  if not (args.beam_runner or args.beam_pipeline_options):
+    return {}
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  flags = [f"--{o.strip()}" for o in args.beam_pipeline_options.split(",") if o.strip()]
+  return {"beam_runner": args.beam_runner,
+          "beam_options": pipeline_options.PipelineOptions(flags)}
 
 
 def _verify(builder) -> int:
@@ -140,15 +215,27 @@ def main(argv=None) -> int:
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   existed = builder.data_path.exists() and not args.overwrite
   start = time.perf_counter()
+  stage = None
   try:
+    manual_dir = args.manual_dir
+    if "://" in manual_dir and not existed:  # a bucket: a local copy of what is needed
+      stage = tempfile.TemporaryDirectory(prefix="centerclip-manual-")
+      manual_dir = os.fspath(_stage_manual_dir(args.manual_dir, builder,
+                                               Path(stage.name) / "manual"))
     if not existed:  # Bad annotations are reported before TFDS starts.
-      builder.read_annotations(args.manual_dir)
+      builder.read_annotations(manual_dir)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=args.manual_dir, download_mode=mode, try_download_gcs=False))
+        manual_dir=manual_dir, download_mode=mode, try_download_gcs=False,
+        **_beam_config(args)))
+    if stage is not None:
+      _name_bucket_paths(builder, Path(manual_dir), args.manual_dir)
   except (ValueError, OSError) as e:  # Bad annotations or layout, an unwritable data_dir.
     if isinstance(e, OSError) and e.filename:
       return _fail(f"{e.filename}: {e.strerror or e}")
     return _fail(str(e).replace("\n", "\n  "))
+  finally:
+    if stage is not None:
+      stage.cleanup()
   seconds = time.perf_counter() - start
 
   print(f"\n{builder.name}/{builder.builder_config.name} in {builder.data_dir}")
@@ -160,10 +247,14 @@ def main(argv=None) -> int:
   else:
     decode = builder.info.metadata.get("decode", {})
     videos = max(decode.get("videos", 0), 1)
-    print(f"build time {seconds:.1f} s for {decode.get('videos')} distinct video files = "
-          f"{seconds / videos:.3f} s per video (decoding {decode.get('seconds', 0):.1f} s "
-          f"in {decode.get('workers')} processes = {decode.get('seconds', 0) / videos:.3f} "
-          "s per video)")
+    if decode.get("runner"):
+      print(f"build time {seconds:.1f} s for {decode.get('videos')} distinct video files in "
+            f"a Beam pipeline ({decode['runner']}) = {seconds / videos:.3f} s per video")
+    else:
+      print(f"build time {seconds:.1f} s for {decode.get('videos')} distinct video files = "
+            f"{seconds / videos:.3f} s per video (decoding {decode.get('seconds', 0):.1f} s "
+            f"in {decode.get('workers')} processes = {decode.get('seconds', 0) / videos:.3f} "
+            "s per video)")
   if args.benchmark:
     _benchmark(builder, args)
   return 0

@@ -31,12 +31,14 @@ import dataclasses
 import logging
 import pathlib
 import re
+import tempfile
 import threading
 import time
 from typing import Optional
 
 import numpy as np
 
+from centerclip_jax import paths as path_lib
 from centerclip_jax.search import query as query_lib
 from centerclip_jax.search import store
 
@@ -87,7 +89,10 @@ class Service:
 
   def __init__(self, index_dir, init_from: Optional[str] = None, max_batch: int = 32,
                window_s: float = 0.003):
-    self.index_dir = pathlib.Path(index_dir).resolve()
+    # A gs:// index is served from a local copy (re-copied by `reload`), never written.
+    self.source = str(index_dir) if path_lib.is_uri(index_dir) else None
+    self._stage: Optional[tempfile.TemporaryDirectory] = None
+    self.index_dir = self._stage_copy() if self.source else pathlib.Path(index_dir).resolve()
     self.init_from = init_from
     self.max_batch = int(max_batch)
     self.window_s = float(window_s)
@@ -100,6 +105,19 @@ class Service:
     self._carry: Optional[_Job] = None
 
   # ------------------------------------------------------------------ loading
+  def _stage_copy(self) -> pathlib.Path:
+    """Copies the gs:// index into a fresh temporary folder (the previous one is removed
+    when its object goes); returns the local index folder."""
+    stage = tempfile.TemporaryDirectory(prefix="centerclip-serve-")
+    local = pathlib.Path(stage.name) / "index"
+    source = path_lib.user_path(self.source)
+    if not source.is_dir():
+      stage.cleanup()
+      raise store.SearchIndexError(f"--index {self.source}: not found in the bucket")
+    path_lib.copytree(source, path_lib.user_path(local))
+    self._stage = stage
+    return local
+
   def load(self) -> dict:
     """Loads model and index and compiles every query shape (blocking; before serving)."""
     t0 = time.perf_counter()
@@ -122,13 +140,16 @@ class Service:
     if not self._reload_lock.acquire(blocking=False):
       raise BadRequest("a reload is already in progress", 409)
     try:
-      holder = store.is_locked(self.index_dir)
+      # A bucket index is uploaded only once complete (`search index` stages it): no lock.
+      holder = None if self.source else store.is_locked(self.index_dir)
       if holder:
         raise BadRequest(f"the index is being written (`search index` pid {holder.get('pid')} "
                          f"on {holder.get('host')}); still serving the previous one, retry "
                          "when that run has finished", 409)
       old = self.state
       try:
+        if self.source:
+          self.index_dir = self._stage_copy()
         new = _load(self.index_dir, self.init_from, old.searcher.text_encoder)
       except store.SearchIndexError as e:
         raise BadRequest(f"{e}; still serving the previous index", 409) from None
@@ -208,7 +229,7 @@ class Service:
            if len(lat) else {})
     parts = s.manifest.get("fingerprint_parts", {})
     return {
-        "index": str(self.index_dir), "videos": s.searcher.num_videos,
+        "index": self.source or str(self.index_dir), "videos": s.searcher.num_videos,
         "errors": s.manifest.get("num_errors", 0), "videos_root": str(s.root),
         "fingerprint": s.manifest["fingerprint"], "checkpoint": parts.get("checkpoint"),
         "method": s.searcher.method, "loaded_at": s.loaded_at,
