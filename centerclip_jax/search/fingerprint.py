@@ -1,8 +1,9 @@
 """Model fingerprint of a search index: which embeddings may share one index.
 
 `model_fingerprint(config, fps)` hashes `config.model`, the identity of the checkpoint
-`loading.load_model(config)` loads (`checkpoint_identity`) and the frame rate videos are
-decoded at: embeddings with the same fingerprint are comparable, others are not.
+`loading.load_model(config)` loads (`checkpoint_identity`), the frame rate videos are
+decoded at and the frame settings: embeddings with the same fingerprint are comparable,
+others are not.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ _SAMPLES = 16
 def _file_digest(h, path: pathlib.Path) -> None:
   """Adds a file's size and content to `h`: whole if small, else sampled blocks."""
   with path.open("rb") as f:  # a local or gs:// path
-    size = f.seek(0, 2)
+    f.seek(0, 2)
+    size = f.tell()  # (TF's GFile, under gs:// paths, returns None from seek)
     f.seek(0)
     h.update(f"{size}:".encode())
     if size <= _FULL_HASH_BYTES:
@@ -68,10 +70,13 @@ def checkpoint_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_fingerprint(config: ml_collections.ConfigDict, fps: float) -> tuple[str, dict]:
-  """(fingerprint, its parts): hash of `config.model`, the checkpoint identity and fps."""
+  """(fingerprint, its parts): hash of `config.model`, the checkpoint identity, fps and the
+  frame settings (`config.data.decode_short_side`, `config.data.jpeg_quality`)."""
   model_json = json.dumps(config.model.to_dict(), sort_keys=True)
   parts = {"model_config_sha256": hashlib.sha256(model_json.encode()).hexdigest(),
-           "checkpoint": checkpoint_identity(config), "fps": float(fps)}
+           "checkpoint": checkpoint_identity(config), "fps": float(fps),
+           "frames": {"decode_short_side": int(config.data.decode_short_side),
+                      "jpeg_quality": int(config.data.jpeg_quality)}}
   digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
   return digest, parts
 
@@ -85,4 +90,7 @@ def mismatch_reason(old: dict, new: dict) -> str:
                f"now: {new['checkpoint']})")
   if old.get("fps") != new["fps"]:
     why.append(f"fps differs (index: {old.get('fps')}, now: {new['fps']})")
+  if old.get("frames") != new["frames"]:
+    why.append(f"the frame settings differ (index: {old.get('frames')}, now: "
+               f"{new['frames']})")
   return "; ".join(why) or "unknown difference"
