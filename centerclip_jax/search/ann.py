@@ -75,26 +75,36 @@ def build_ivf(emb: np.ndarray, nlist: int | None = None, seed: int = 0):
   return index
 
 
-def build(index_dir: os.PathLike, emb: np.ndarray, nlist: int | None = None,
-          nprobe: int | None = None) -> str:
-  """Writes ann.faiss and ann.json for the index's embeddings; returns a description."""
+def files(emb: np.ndarray, nlist: int | None = None, nprobe: int | None = None
+          ) -> tuple[dict, str]:
+  """ann.faiss and ann.json of `emb [V, D]` (V > 0) as `store.commit` writers, and a
+  description. FAISS writes through Python file objects, so a failing write (ENOSPC, EIO)
+  raises instead of being printed by its C writer and ignored."""
   faiss = _faiss()
-  index_dir = pathlib.Path(index_dir)
-  if not len(emb):
-    for name in (ANN_FILE, ANN_META):
-      (index_dir / name).unlink(missing_ok=True)
-    return ""
   index = build_ivf(emb, nlist)
   nprobe = nprobe or max(1, round(index.nlist * DEFAULT_NPROBE_SHARE))
-  tmp = index_dir / f".{ANN_FILE}.tmp-{os.getpid()}"
-  faiss.write_index(index, str(tmp))
-  os.replace(tmp, index_dir / ANN_FILE)
   meta = {"kind": "faiss IndexIVFFlat inner product", "nlist": int(index.nlist),
           "nprobe": int(nprobe), "num_rows": int(len(emb)),
           "embeddings_sha256": store.array_sha256(emb)}
-  store.atomic_write(index_dir / ANN_META, lambda f: f.write(json.dumps(meta, indent=1)),
-                     mode="w")
-  return describe(meta)
+  return {ANN_FILE: (lambda f: faiss.write_index(index, faiss.PyCallbackIOWriter(f.write)),
+                     "wb"),
+          ANN_META: (lambda f: f.write(json.dumps(meta, indent=1)), "w")}, describe(meta)
+
+
+def remove(index_dir: os.PathLike) -> None:
+  for name in (ANN_META, ANN_FILE):  # meta first: without it the ANN is not used
+    (pathlib.Path(index_dir) / name).unlink(missing_ok=True)
+
+
+def build(index_dir: os.PathLike, emb: np.ndarray, nlist: int | None = None,
+          nprobe: int | None = None) -> str:
+  """Writes ann.faiss and ann.json for the index's embeddings; returns a description."""
+  if not len(emb):
+    remove(index_dir)
+    return ""
+  writers, description = files(emb, nlist, nprobe)
+  store.commit(pathlib.Path(index_dir), writers)
+  return description
 
 
 def describe(meta: dict) -> str:

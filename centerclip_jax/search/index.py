@@ -19,7 +19,6 @@ an index is only ever extended with embeddings of the same fingerprint. File for
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -88,8 +87,9 @@ def _check_dirs(videos_dir, index_dir) -> tuple[pathlib.Path, pathlib.Path]:
   index_dir = pathlib.Path(index_dir).resolve()
   if index_dir.exists() and not index_dir.is_dir():
     raise SearchIndexError(f"--index {index_dir}: exists and is not a directory")
-  if (index_dir.is_dir() and any(p.name != store.LOCK_FILE for p in index_dir.iterdir())
-      and not (index_dir / MANIFEST_FILE).exists()):
+  if (index_dir.is_dir() and not (index_dir / MANIFEST_FILE).exists() and any(
+      p.name not in (store.LOCK_FILE, store.THUMBS_DIR) and not store.is_leftover(p.name)
+      for p in index_dir.iterdir())):
     raise SearchIndexError(f"--index {index_dir}: a non-empty directory that is not a "
                            "search index; give a new or empty directory")
   return videos_dir, index_dir
@@ -145,6 +145,9 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
   if config.init_from:
     config.init_from = resolver.resolve(config.init_from).spec  # pin the step (DIR@STEP)
   fingerprint, parts = fingerprint_lib.model_fingerprint(config, fps)
+  for name in store.remove_leftovers(index_dir):
+    logging.warning("%s: removed %s, left by a `search index` run that was killed",
+                    index_dir, name)
   skipped: list[str] = []
   files = scan_videos(videos_dir, exclude=[index_dir], follow_symlinks=follow_symlinks,
                       skipped_links=skipped)
@@ -183,8 +186,7 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
       todo.append(f)
   removed = sorted(set(old_entries) - {f.path for f in files})
 
-  (index_dir / store.CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2,
-                                                        sort_keys=True) + "\n")
+  config_dict = config.to_dict()  # written with the manifest: the old index keeps its own
   header = {"fingerprint": fingerprint, "fingerprint_parts": parts,
             "videos_root": str(videos_dir), "init_from": config.init_from,
             "follow_symlinks": bool(follow_symlinks)}
@@ -195,10 +197,14 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
 
   def finish(rows):
     rows = _compact(rows, entries)
-    store.save(index_dir, rows, entries, header, complete=True)
+    extra = {}
+    if ann and len(rows):  # written before the commit: a failure leaves the old index whole
+      extra, summary.ann = ann_lib.files(rows)
+    elif ann:
+      ann_lib.remove(index_dir)
+    store.save(index_dir, rows, entries, header, complete=True, config=config_dict,
+               extra=extra)
     store.prune_thumbs(index_dir, entries)
-    if ann:
-      summary.ann = ann_lib.build(index_dir, rows)
     summary.num_videos = len(rows)
     return summary
 
@@ -225,6 +231,14 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
     summary.errors[f.path] = msg
     logging.warning("skipping %s", msg)
 
+  written_thumbs: set[str] = set()  # by this run; removed again if the run fails to save
+  saved = [old_entries]  # the entries the index on disk has
+
+  def write_thumb(f: VideoFile, jpeg: bytes) -> str:
+    name = store.write_thumb(index_dir, f.path, jpeg, version=(f.size, f.mtime_ns))
+    written_thumbs.add(pathlib.PurePosixPath(name).name)
+    return name
+
   def run_batch(batch: list[tuple[VideoFile, dict]]):
     frames = encode.pad_batch(np.stack([c["frames"] for _, c in batch]), batch_size)
     masks = encode.pad_batch(np.stack([c["mask"] for _, c in batch]), batch_size)
@@ -238,7 +252,7 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
              "the file is not indexed")
         continue
       entries[f.path] = entry(f, status="ok", row=start + len(good),
-                              thumb=store.write_thumb(index_dir, f.path, c["thumb"]),
+                              thumb=write_thumb(f, c["thumb"]),
                               **c["info"])
       if c["info"]["truncated"]:
         summary.truncated.append(f.path)
@@ -250,7 +264,8 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
     nonlocal rows
     rows = np.concatenate([rows] + new_rows) if new_rows else rows
     new_rows.clear()
-    store.save(index_dir, rows, entries, header, complete=False)
+    store.save(index_dir, rows, entries, header, complete=False, config=config_dict)
+    saved[0] = {k: dict(v) for k, v in entries.items()}
 
   prepare = videos_lib.Prepare(str(videos_dir), fps=fps,
                                short_side=config.data.decode_short_side, resolution=res,
@@ -277,6 +292,9 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
           batches_since_save = 0
     if batch:
       run_batch(batch)
+  except store.IndexWriteError:  # the storage fails: the index stays as last saved
+    store.prune_thumbs(index_dir, saved[0], only=written_thumbs)
+    raise
   except BaseException:
     save_partial()  # keep what is done; the next run resumes from here
     raise
@@ -284,7 +302,11 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
     bar.close()
   summary.seconds = time.time() - start_time
   rows = np.concatenate([rows] + new_rows) if new_rows else rows
-  return finish(rows)
+  try:
+    return finish(rows)
+  except store.IndexWriteError:
+    store.prune_thumbs(index_dir, saved[0], only=written_thumbs)
+    raise
 
 
 def _compact(rows: np.ndarray, entries: dict[str, dict]) -> np.ndarray:

@@ -17,6 +17,7 @@ and non-finite rows; each is a `SearchIndexError` naming the file and `--rebuild
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -48,27 +49,132 @@ def _fix(index_dir) -> str:
   return REBUILD.format(index=index_dir)
 
 
-def atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-  """Writes `path` through a temporary file, fsync and rename (readers see old or new)."""
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+class IndexWriteError(SearchIndexError):
+  """A write of the index failed (disk full, I/O error); the live index is the last saved."""
+
+
+def _write_error(path: pathlib.Path, e: OSError) -> IndexWriteError:
+  return IndexWriteError(
+      f"writing the search index failed: {path}: {e.strerror or e} (errno {e.errno}); "
+      f"{path.parent if path.parent.name != THUMBS_DIR else path.parent.parent} still "
+      "holds the index as last saved (readable); free space or fix the storage, then "
+      "re-run `search index` to resume")
+
+
+def _tmp(path: pathlib.Path, kind: str = "tmp") -> pathlib.Path:
+  return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def is_leftover(name: str) -> bool:
+  """A temporary or backup file of a writer that was killed (see `commit`)."""
+  return name.startswith(".") and (".tmp-" in name or ".prev-" in name)
+
+
+def _write_synced(path: pathlib.Path, write: Callable[[Any], None], mode: str) -> None:
+  with open(path, mode) as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+  fd = os.open(folder, os.O_RDONLY)
   try:
-    with open(tmp, mode) as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.fsync(fd)
   finally:
-    if tmp.exists():
-      tmp.unlink()
+    os.close(fd)
+
+
+def _unlink_quietly(*files: pathlib.Path) -> None:
+  for f in files:
+    with contextlib.suppress(OSError):
+      f.unlink(missing_ok=True)
+
+
+def atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+  """Writes `path` through a temporary file, fsync and rename (readers see old or new).
+
+  Raises IndexWriteError naming `path` when a write fails (ENOSPC, EIO, ...); the old file
+  stays and the temporary one is removed.
+  """
+  tmp = _tmp(path)
+  try:
+    _write_synced(tmp, write, mode)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise _write_error(path, e) from None
+  finally:
+    _unlink_quietly(tmp)
+
+
+def commit(index_dir: pathlib.Path, files: dict[str, tuple[Callable[[Any], None], str]]
+           ) -> None:
+  """Replaces several files of `index_dir` as one change; the last of `files` commits it.
+
+  `files`: name -> (write(file object), open mode). Every file is first written to a
+  temporary file and synced (where ENOSPC/EIO show up), then each is renamed over the old
+  one, keeping the old one as a hard link until the last rename; a failure on the way puts
+  the old files back and raises IndexWriteError naming the file. Only a crash between the
+  renames leaves a mix, which `load_index` detects (the manifest's sha256).
+  """
+  index_dir = pathlib.Path(index_dir)
+  tmps = {n: _tmp(index_dir / n) for n in files}
+  backups: dict[str, pathlib.Path] = {}
+  replaced: list[str] = []
+  current = index_dir
+  try:
+    for name, (write, mode) in files.items():
+      current = index_dir / name
+      _write_synced(tmps[name], write, mode)
+    for name in files:
+      current = index_dir / name
+      if current.exists():
+        backup = _tmp(current, "prev")
+        _unlink_quietly(backup)
+        try:
+          os.link(current, backup)
+          backups[name] = backup
+        except OSError:  # no hard links here: renamed without a way back
+          pass
+      os.replace(tmps[name], current)
+      replaced.append(name)
+    _fsync_dir(index_dir)
+  except OSError as e:
+    for name in reversed(replaced):
+      with contextlib.suppress(OSError):
+        if name in backups:
+          os.replace(backups[name], index_dir / name)
+        else:
+          (index_dir / name).unlink()
+    raise _write_error(current, e) from None
+  finally:
+    _unlink_quietly(*tmps.values(), *backups.values())
+
+
+def remove_leftovers(index_dir: pathlib.Path) -> list[str]:
+  """Deletes temporary files of killed writers (call with the lock held); their names."""
+  gone = []
+  for folder in (index_dir, index_dir / THUMBS_DIR):
+    if folder.is_dir():
+      for f in folder.iterdir():
+        if is_leftover(f.name):
+          _unlink_quietly(f)
+          gone.append(str(f.relative_to(index_dir)))
+  return gone
 
 
 def array_sha256(a: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest()
 
 
-def thumb_name(path: str) -> str:
-  """File name (under thumbs/) of the thumbnail of the video at relative `path`."""
-  return hashlib.sha1(path.encode()).hexdigest()[:20] + ".jpg"
+def thumb_name(path: str, version: tuple = ()) -> str:
+  """File name (under thumbs/) of the thumbnail of the video at relative `path`.
+
+  `version` (size, mtime_ns): a changed file gets a new name, so that the live index keeps
+  its own thumbnail until the update that replaces it is committed.
+  """
+  key = "\0".join([path, *map(str, version)])
+  return hashlib.sha1(key.encode()).hexdigest()[:20] + ".jpg"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -145,35 +251,50 @@ def load_index(index_dir: os.PathLike, verify: bool = True) -> tuple[dict, np.nd
 
 
 def save(index_dir: pathlib.Path, emb: np.ndarray, entries: dict[str, dict], header: dict,
-         complete: bool) -> None:
-  """Writes embeddings.npy, then manifest.json (the commit), each atomically."""
+         complete: bool, config: dict | None = None,
+         extra: dict[str, tuple[Callable[[Any], None], str]] | None = None) -> None:
+  """Writes embeddings.npy, `extra` files (the ANN), config.json, then manifest.json (the
+  commit) as one change (`commit`): a failed write leaves the previous index as it was."""
   emb = np.ascontiguousarray(emb, np.float32)
-  atomic_write(index_dir / EMBEDDINGS_FILE, lambda f: np.save(f, emb, allow_pickle=False))
   manifest = dict(header, format=FORMAT_VERSION, complete=complete, num_rows=len(emb),
                   embeddings_sha256=array_sha256(emb),
                   num_ok=sum(e["status"] == "ok" for e in entries.values()),
                   num_errors=sum(e["status"] == "error" for e in entries.values()),
                   entries=[entries[p] for p in sorted(entries)])
   text = json.dumps(manifest, indent=1) + "\n"
-  atomic_write(index_dir / MANIFEST_FILE, lambda f: f.write(text), mode="w")
+  files = {EMBEDDINGS_FILE: (lambda f: np.save(f, emb, allow_pickle=False), "wb")}
+  files.update(extra or {})
+  if config is not None:
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    files[CONFIG_FILE] = (lambda f: f.write(config_text), "w")
+  files[MANIFEST_FILE] = (lambda f: f.write(text), "w")
+  commit(index_dir, files)
 
 
-def write_thumb(index_dir: pathlib.Path, path: str, jpeg: bytes) -> str:
+def write_thumb(index_dir: pathlib.Path, path: str, jpeg: bytes, version: tuple = ()) -> str:
   """Stores a video's thumbnail; returns its name relative to the index directory."""
-  (index_dir / THUMBS_DIR).mkdir(exist_ok=True)
-  name = f"{THUMBS_DIR}/{thumb_name(path)}"
+  try:
+    (index_dir / THUMBS_DIR).mkdir(exist_ok=True)
+  except OSError as e:
+    raise _write_error(index_dir / THUMBS_DIR, e) from None
+  name = f"{THUMBS_DIR}/{thumb_name(path, version)}"
   atomic_write(index_dir / name, lambda f: f.write(jpeg))
   return name
 
 
-def prune_thumbs(index_dir: pathlib.Path, entries: dict[str, dict]) -> None:
-  """Deletes thumbnails no entry refers to (videos removed from the folder)."""
+def prune_thumbs(index_dir: pathlib.Path, entries: dict[str, dict],
+                 only: set[str] | None = None) -> None:
+  """Deletes thumbnails no entry refers to (videos removed or changed), or of `only` (names
+  under thumbs/) those no entry refers to (the ones a failed update wrote)."""
   keep = {pathlib.PurePosixPath(e["thumb"]).name for e in entries.values() if e.get("thumb")}
   folder = index_dir / THUMBS_DIR
   if folder.is_dir():
     for f in folder.iterdir():
-      if f.suffix == ".jpg" and f.name not in keep:
-        f.unlink(missing_ok=True)
+      if f.suffix == ".jpg" and f.name not in keep and (only is None or f.name in only):
+        try:
+          f.unlink(missing_ok=True)
+        except OSError as e:  # a stale thumbnail is harmless: say so, keep the index
+          logging.warning("%s: could not delete an unused thumbnail (%s)", f, e.strerror)
 
 
 # ----------------------------------------------------------------------------- lock
@@ -223,9 +344,13 @@ class IndexLock:
                       self.path, old.get("pid"), old.get("host"))
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                        "started": time.time()}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info, 0)
-    os.fsync(fd)
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, info, 0)
+      os.fsync(fd)
+    except OSError as e:
+      os.close(fd)
+      raise _write_error(self.path, e) from None
     self._fd = fd
     return self
 
