@@ -14,6 +14,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=N *before* importing JAX.
           several processes, JAX's preemption sync point makes all stop at one step).
           --kill_in_save K: SIGKILLs itself while the async save of step K is being
           written (after some items, before the commit). Writes final params and losses.
+  main:   `python -m centerclip_jax.main` itself, with the arguments after `--`, as one
+          host of --num_processes (jax.distributed through JAX_COORDINATOR_ADDRESS & co,
+          as a launcher sets them). Records, as JSON lines in --out: every training
+          caption this host tokenized ({"caption": ...}: what it read of its shard) and
+          every results file it wrote ({"wrote": path}).
 """
 
 from __future__ import annotations
@@ -25,8 +30,12 @@ import time
 
 
 def parse_args(argv=None):
+  """The worker's flags; in `main` mode the arguments after `--` go to main (`.rest`)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest = argv[argv.index("--") + 1:] if "--" in argv else []
+  argv = argv[:argv.index("--")] if "--" in argv else argv
   p = argparse.ArgumentParser()
-  p.add_argument("mode", choices=["parity", "resume"])
+  p.add_argument("mode", choices=["parity", "resume", "main"])
   p.add_argument("--num_devices", type=int, default=1, help="simulated CPU devices")
   p.add_argument("--num_processes", type=int, default=1)
   p.add_argument("--process_id", type=int, default=0)
@@ -36,16 +45,18 @@ def parse_args(argv=None):
   p.add_argument("--workdir", default=None)
   p.add_argument("--step_sleep", type=float, default=0.0)
   p.add_argument("--kill_in_save", type=int, default=0)
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.rest = rest
+  return args
 
 
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None:
   # Backend optimisation level 0 halves the CPU compile time of the tiny model; every
-  # configuration compared in a test runs with the same flags.
+  # configuration compared in a test runs with the same flags (main: the flags main has).
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={ARGS.num_devices}"
-                             " --xla_backend_optimization_level=0")
+                             f" --xla_force_host_platform_device_count={ARGS.num_devices}" +
+                             ("" if ARGS.mode == "main" else " --xla_backend_optimization_level=0"))
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -287,8 +298,50 @@ def run_resume(args):
   print("FINISHED", flush=True)
 
 
+def run_main(args):
+  """centerclip_jax.main as host `process_id`, recording what it reads and writes."""
+  import json
+  import threading
+  if args.num_processes > 1:
+    os.environ.update(JAX_COORDINATOR_ADDRESS=args.coordinator,
+                      JAX_NUM_PROCESSES=str(args.num_processes),
+                      JAX_PROCESS_ID=str(args.process_id))
+  from absl import app
+  from centerclip_jax import config as config_lib
+  from centerclip_jax import console
+  from centerclip_jax import main as main_lib
+  from centerclip_jax.data import pipeline
+  from centerclip_jax.training import trainer
+  lock, record = threading.Lock(), open(args.out, "a", encoding="utf-8")
+
+  def log(**item):
+    with lock:
+      record.write(json.dumps(item) + "\n")
+      record.flush()
+
+  train_tf_dataset = pipeline.train_tf_dataset
+
+  def recording_train_tf_dataset(*a, tokenize=None, **kw):
+    inner = tokenize or pipeline._default_tokenize()  # pylint: disable=protected-access
+
+    def recording_tokenize(texts, max_words):
+      for text in texts:
+        log(caption=text)
+      return inner(texts, max_words)
+
+    return train_tf_dataset(*a, tokenize=recording_tokenize, **kw)
+
+  pipeline.train_tf_dataset = recording_train_tf_dataset
+  write_json = trainer.checkpoints_lib.write_json
+
+  def recording_write_json(path, obj):
+    log(wrote=str(path))
+    return write_json(path, obj)
+
+  trainer.checkpoints_lib.write_json = recording_write_json
+  app.run(main_lib.main, argv=["centerclip_jax.main", *args.rest],
+          flags_parser=console.flags_parser("config", config_lib.normalize_switches))
+
+
 if __name__ == "__main__":
-  if ARGS.mode == "parity":
-    run_parity(ARGS)
-  else:
-    run_resume(ARGS)
+  {"parity": run_parity, "resume": run_resume, "main": run_main}[ARGS.mode](ARGS)
