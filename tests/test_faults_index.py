@@ -12,6 +12,9 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -23,7 +26,8 @@ from centerclip_jax.search import ann as ann_lib
 from centerclip_jax.search import index as index_lib
 from centerclip_jax.search import store
 from tests import video_fixtures
-from tests.test_search import CAPTIONS, TINY, copy_tree, save_checkpoint, tiny_config
+from tests.test_search import CAPTIONS, MODEL_FLAGS, REPO, TINY, copy_tree, save_checkpoint
+from tests.test_search import tiny_config
 
 NEW = "new/e.mov"
 
@@ -204,3 +208,60 @@ def test_leftovers_of_a_killed_writer_are_removed(base, tmp_path, caplog):
   assert not any(f.exists() for f in left)
   assert caplog.text.count("left by a `search index` run that was killed") == 3
   assert len(index_lib.load_index(index)[1]) == 1
+
+
+_HOLDER = """
+import sys, time
+from centerclip_jax import search
+from centerclip_jax.inference import encoder as encode
+from tests.test_search import tiny_config
+ckpt, videos, index, go = sys.argv[1:]
+real = encode.load_frames
+def wait_then_load(path, **kw):  # blocks, holding the index's lock, until the test says go
+  while not __import__("os").path.exists(go):
+    time.sleep(0.05)
+  return real(path, **kw)
+encode.load_frames = wait_then_load
+s = search.build_index(tiny_config(ckpt), videos, index, batch_size=4, workers=1,
+                       progress=False)
+print("HOLDER DONE", s.embedded, s.num_videos, flush=True)
+"""
+
+
+def test_two_processes_on_one_index(base, tmp_path):
+  """A second `search index` process on an index another process is writing refuses with
+  one line naming the first's pid; the first then finishes and the index loads. The first
+  holds the lock while it waits for a file the test creates, so the order is fixed."""
+  index, go = tmp_path / "index", tmp_path / "go"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  first = subprocess.Popen(
+      [sys.executable, "-c", _HOLDER, base["config"].init_from, str(base["updated"]),
+       str(index), str(go)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 600
+    while (store.is_locked(index) or {}).get("pid") != first.pid:
+      assert first.poll() is None, first.stdout.read()[-3000:]
+      assert time.time() < deadline, "the first process never took the lock"
+      time.sleep(0.2)
+    second = subprocess.run(
+        [sys.executable, "-m", "centerclip_jax.search", "index", "--config",
+         os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={base['config'].init_from}",
+         *MODEL_FLAGS, "--videos", str(base["updated"]), "--index", str(index)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    errors = [l for l in second.stderr.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, second.stderr[-3000:]
+    assert f"is being written by another `search index` run (pid {first.pid} on " in errors[0]
+    assert first.poll() is None  # still holding the lock, untouched by the second
+    go.touch()
+    out, _ = first.communicate(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.wait()
+  assert first.returncode == 0, out[-3000:]
+  assert "HOLDER DONE ['a.mp4', 'new/e.mov', 'sub/b.avi'] 3" in out, out[-3000:]
+  manifest, emb = index_lib.load_index(index, verify=True)
+  assert manifest["complete"] and len(emb) == 3 and store.is_locked(index) is None
