@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -137,6 +138,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._keep_frame_cache = keep_frame_cache
     self.frame_cache_dir: str | None = None  # Set when the build starts.
     self._annotations: tuple[Path, dict[str, list[VideoJob]]] | None = None
+    self.beam_runner: str | None = None  # Set when a Beam build starts.
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -164,12 +166,48 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       self._annotations = (manual_dir, splits)
     return self._annotations[1]
 
-  def _request(self, path: str, job: VideoJob, return_frames: bool) -> video.JpegRequest:
+  def request(self, path: str, job: VideoJob, return_frames: bool,
+              cache: bool = True) -> video.JpegRequest:
+    """The decode request of one video (cache: in the frame cache dir)."""
     config = self.builder_config
     return video.JpegRequest(
         path=path, fps=config.fps, short_side=config.short_side, start_time=job.start_time,
-        end_time=job.end_time, quality=config.jpeg_quality, cache_dir=self.frame_cache_dir,
+        end_time=job.end_time, quality=config.jpeg_quality,
+        cache_dir=self.frame_cache_dir if cache else None,
         return_frames=return_frames)
+
+  def _download_and_prepare(self, dl_manager, download_config):
+    """Runs the build with the process pool, or in a Beam pipeline when the
+    download config names a runner or pipeline options (`beam_build`)."""
+    self.beam_runner = None
+    if download_config.beam_runner is not None or download_config.beam_options is not None:
+      from centerclip_jax.data.datasets import beam_build  # pylint: disable=g-import-not-at-top
+      self.beam_runner = beam_build.runner_name(download_config)
+      # TFDS passes its Beam pipeline to a `_split_generators(dl_manager, pipeline)`.
+      self._split_generators = functools.partial(beam_build.split_generators, self)
+    try:
+      super()._download_and_prepare(dl_manager, download_config)
+    except ValueError as e:
+      if self.beam_runner is None:
+        raise
+      raise beam_build.explain(self, e) from e
+    finally:
+      self.__dict__.pop("_split_generators", None)
+
+  def plan(self, dl_manager):
+    """Annotations and video files: (splits, {(split, id): path or None},
+    [((path, start, end), job)] one per distinct video to decode, sorted)."""
+    manual_dir = Path(dl_manager.manual_dir)
+    splits = self.read_annotations(manual_dir)  # Fails fast on bad annotations.
+    index = VideoIndex(manual_dir)
+    log.info("%s: %d video files under %s", self.name, len(index), manual_dir)
+    paths = {(name, job.video_id): index.find(job.candidates)
+             for name, jobs in splits.items() for job in jobs}
+    unique = sorted({(p, job.start_time, job.end_time): job
+                     for name, jobs in splits.items() for job in jobs
+                     if (p := paths[name, job.video_id]) is not None}.items(),
+                    key=lambda kv: str(kv[0]))
+    return splits, paths, unique
 
   def _split_generators(self, dl_manager):
     """Parses annotations, then decodes every video once into the frame cache.
@@ -178,10 +216,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     are all missing or undecodable be left out with a warning (TFDS cannot
     write an empty split) instead of failing the build after other splits.
     """
-    manual_dir = Path(dl_manager.manual_dir)
-    splits = self.read_annotations(manual_dir)  # Fails fast on bad annotations.
-    index = VideoIndex(manual_dir)
-    log.info("%s: %d video files under %s", self.name, len(index), manual_dir)
+    splits, paths, unique = self.plan(dl_manager)
     downloads = os.fspath(dl_manager.download_dir)
     if "://" in downloads:  # data_dir in a bucket: the decoded-frame cache stays local
       downloads = os.path.join(tempfile.gettempdir(), "centerclip_downloads")
@@ -189,27 +224,34 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         downloads) / "centerclip_frames" / self.name)
     os.makedirs(self.frame_cache_dir, exist_ok=True)
 
-    paths = {(name, job.video_id): index.find(job.candidates)
-             for name, jobs in splits.items() for job in jobs}
-    unique = sorted({(p, job.start_time, job.end_time): job
-                     for name, jobs in splits.items() for job in jobs
-                     if (p := paths[name, job.video_id]) is not None}.items(),
-                    key=lambda kv: str(kv[0]))
-    requests = [self._request(key[0], job, return_frames=False) for key, job in unique]
+    requests = [self.request(key[0], job, return_frames=False) for key, job in unique]
     errors, frames, start = {}, {}, time.perf_counter()
     for (key, _), result in zip(unique, _run_pool(
         video.encode_video_jpeg, requests, self.num_workers, f"{self.name} decode")):
-      if result.error is None and result.num_frames == 0:
-        result = dataclasses.replace(result, error="no frame decoded")
-      if result.error is not None:
-        errors[key] = result.error
+      if (error := decode_error(result)) is not None:
+        errors[key] = error
       frames[key] = result.num_frames
-    decode_seconds = time.perf_counter() - start
+    good = self.sort_out(dl_manager, splits, paths, errors, frames, {
+        "videos": len(requests), "seconds": time.perf_counter() - start,
+        "workers": min(self.num_workers, len(requests))})
+    generators = {name: self._generate_examples(split=name, jobs=jobs)
+                  for name, jobs in good.items() if jobs}
+    if not generators:
+      raise ValueError(f"{self.name}: no video of any split could be read from "
+                       f"{dl_manager.manual_dir}:\n"
+                       + report.render(self.info.metadata, self.name))
+    return generators
 
+  def sort_out(self, dl_manager, splits, paths, errors, frames, decode):
+    """Records in the metadata which videos were written, skipped or short.
+
+    errors / frames: {(path, start, end): decode error / frames decoded};
+    decode: the decoding pass's numbers. Returns {split: [(job, path)]} to write.
+    """
     shortest = report.min_frames(self.builder_config.fps)
-    skipped, short, generators = {}, {}, {}
+    skipped, short, good = {}, {}, {}
     for name, jobs in splits.items():
-      skipped[name], short[name], good = [], [], []
+      skipped[name], short[name], good[name] = [], [], []
       for job in jobs:
         path = paths[name, job.video_id]
         key = (path, job.start_time, job.end_time)
@@ -218,45 +260,41 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         elif key in errors:
           reason = f"undecodable: {errors[key]}"
         else:
-          good.append((job, path))
+          good[name].append((job, path))
           if frames[key] < shortest:
             short[name].append({"video_id": job.video_id, "path": path,
                                 "num_frames": frames[key]})
           continue
         skipped[name].append({"video_id": job.video_id, "path": path, "reason": reason})
       log.info("%s/%s: %d listed, %d written, %d skipped, %d short", self.name, name,
-               len(jobs), len(good), len(skipped[name]), len(short[name]))
-      if good:
-        generators[name] = self._generate_examples(split=name, jobs=good)
+               len(jobs), len(good[name]), len(skipped[name]), len(short[name]))
     raw = os.fspath(dl_manager.manual_dir)  # For the rebuild command.
     self.info.metadata["manual_dir"] = raw if "://" in raw else os.path.abspath(raw)
     self.info.metadata["listed"] = {name: len(jobs) for name, jobs in splits.items()}
     self.info.metadata["skipped"] = skipped
     self.info.metadata["short"] = short
-    self.info.metadata["empty_splits"] = sorted(set(splits) - set(generators))
+    self.info.metadata["empty_splits"] = sorted(n for n in splits if not good[n])
     self.info.metadata["decode"] = {"fps": self.builder_config.fps,
                                     "short_side": self.builder_config.short_side,
                                     "jpeg_quality": self.builder_config.jpeg_quality,
-                                    "videos": len(requests), "seconds": decode_seconds,
-                                    "workers": min(self.num_workers, len(requests))}
-    if not generators:
-      raise ValueError(f"{self.name}: no video of any split could be read from {manual_dir}:\n"
-                       + report.render(self.info.metadata, self.name))
-    return generators
+                                    **decode}
+    return good
 
   def _generate_examples(self, split: str, jobs: Sequence[tuple[VideoJob, str]]):
     """Yields (video_id, example), reading the frames from the frame cache."""
     for job, path in jobs:
-      result = video.encode_video_jpeg(self._request(path, job, return_frames=True))
+      result = video.encode_video_jpeg(self.request(path, job, return_frames=True))
       if result.error is not None:  # Changed since the decoding pass.
         log.warning("%s/%s: skipping video %s (%s)", self.name, split, job.video_id,
                     result.error)
         self.info.metadata["skipped"][split].append(
             {"video_id": job.video_id, "path": path, "reason": f"undecodable: {result.error}"})
         continue
-      yield job.video_id, {"video_id": job.video_id, "frames": list(result.jpegs),
-                           "num_frames": len(result.jpegs), "fps": result.fps,
-                           "captions": list(job.captions)}
+      yield job.video_id, make_example(job, result)
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    from centerclip_jax.data.datasets import beam_build  # pylint: disable=g-import-not-at-top
+    beam_build.process_result(self, pipeline_result)
 
   def _post_download_and_prepare_hook(self) -> None:
     self.report_path().write_text(report.render(
@@ -291,6 +329,19 @@ def _run_pool(fn, requests, num_workers: int, desc: str):
       yield result
       bar.update()
   bar.close()
+
+
+def decode_error(result: video.JpegResult) -> str | None:
+  """Why a decoded video cannot be written (None: it can)."""
+  if result.error is None and result.num_frames == 0:
+    return "no frame decoded"
+  return result.error
+
+
+def make_example(job: VideoJob, result: video.JpegResult) -> dict:
+  """The TFDS example of a decoded video (`features.video_text_features`)."""
+  return {"video_id": job.video_id, "frames": list(result.jpegs),
+          "num_frames": len(result.jpegs), "fps": result.fps, "captions": list(job.captions)}
 
 
 def check(condition: bool, file: Path | str, where: str, message: str) -> None:
