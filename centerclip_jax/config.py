@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.dsl = True               # also report dual-softmax re-scored metrics
   c.data = ml_collections.ConfigDict()
   c.data.decode_short_side = 224  # videos -> frames (encode, search): the datasets' short side
+  c.data.jpeg_quality = 95        # encode/search/visualize store sampled frames as the datasets do
   c.data.shuffle_buffer = 2048
   c.data.train_examples = "captions"  # each (video, caption) pair per epoch ('videos': 1 per video)
   c.data.device_prefetch = 2      # global batches in flight to the devices (1: none ahead)
@@ -127,6 +128,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.get("train_examples", "videos") not in ("captions", "videos"):
     _fail("data.train_examples", f"{config.data.train_examples!r} is not 'captions' (every "
           "(video, caption) pair once per epoch) or 'videos' (one random caption per video)")
+  if not 0 <= config.data.get("jpeg_quality", 95) <= 100:
+    _fail("data.jpeg_quality", "must be in 0..100: the JPEG quality the datasets store frames "
+          "at (prepare_data's, 95), which encode/search/visualize apply too; 0 skips it")
   if t.lr <= 0 or t.coef_lr <= 0:
     _fail("train.lr", "train.lr and train.coef_lr must be > 0")
   if config.eval.batch_size < 1:

@@ -124,7 +124,8 @@ def visualize(config, video: str, output: str, *, fps: float = 3.0, scale: int =
   scale = scale if scale > 0 else max(1, 224 // res)
   frames, mask, _ = encode.file_inputs(video, fps=fps,
                                        short_side=config.data.decode_short_side,
-                                       max_frames=model.max_frames, resolution=res)
+                                       max_frames=model.max_frames, resolution=res,
+                                       jpeg_quality=config.data.jpeg_quality)
   steps = cluster_inspect.cluster_medoids(model, params, frames[None], mask[None])
   rgb = unnormalize(frames)
   out_dir = paths.user_path(output)  # local or gs://

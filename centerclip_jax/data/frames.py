@@ -1,10 +1,9 @@
 """The one frame path: sample -> resize -> crop -> normalise, as TF ops.
 
 Training and eval run these inside tf.data on the JPEG frames the datasets store
-(`load_jpegs`); `encode`, search and the cluster visualiser run the same functions eagerly
-on the uint8 frames `video.py` decodes (`model_inputs`), so the model sees the same inputs
-from a video file as from the dataset built from it, up to the JPEG rounding of the
-stored frames.
+(`load_jpegs`); `encode`, search and the cluster visualiser store the frames `video.py`
+decodes the same way and run the same functions eagerly (`model_inputs`), so the model
+sees the same inputs from a video file as from the dataset built from it.
 
 * Sampling (`frame_indices`): eval takes the centre rule `int(tick / 2 + tick * i)`,
   `tick = T / max_frames` (float64, this operation order, as CLIP4Clip); train takes one
@@ -19,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from centerclip_jax.data import video
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -135,14 +136,26 @@ def load_jpegs(jpegs: tf.Tensor, indices: tf.Tensor, mask: tf.Tensor,
   return sampled_inputs(decoded, mask, resolution)
 
 
-def model_inputs(frames: np.ndarray, max_frames: int,
-                 resolution: int) -> tuple[np.ndarray, np.ndarray]:
+def model_inputs(frames: np.ndarray, max_frames: int, resolution: int, *,
+                 jpeg_quality: int = video.JPEG_QUALITY) -> tuple[np.ndarray, np.ndarray]:
   """Decoded uint8 frames [T, H, W, 3] -> (float32 [max_frames, R, R, 3], bool [max_frames]),
-  eval sampling; the same ops as `load_jpegs`, run eagerly."""
+  eval sampling, computed as eval computes them from a dataset built from these frames.
+
+  Each sampled frame is stored as the builders store it (`video.encode_jpeg` at
+  `jpeg_quality`) and read back by `load_jpegs`, the op training and eval run, so a video
+  file gives the inputs (and embeddings) of its dataset example. `jpeg_quality=0` skips
+  the storing step and feeds the decoded frames.
+  """
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
     raise ValueError(f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} "
                      f"{frames.shape}")
+  if not 0 <= jpeg_quality <= 100:
+    raise ValueError(f"jpeg_quality must be in 0..100 (0: no JPEG step), got {jpeg_quality}")
   indices, mask = eval_frame_indices(len(frames), max_frames)
-  chosen = tf.constant(frames[indices[mask]])
-  return sampled_inputs(chosen, tf.constant(mask), resolution).numpy(), mask
+  chosen = frames[indices[mask]]
+  if not jpeg_quality:
+    return sampled_inputs(tf.constant(chosen), tf.constant(mask), resolution).numpy(), mask
+  jpegs = tf.constant([video.encode_jpeg(f, jpeg_quality) for f in chosen])
+  positions = tf.range(max_frames, dtype=tf.int32)  # jpegs[i] is the i-th distinct frame.
+  return load_jpegs(jpegs, positions, tf.constant(mask), resolution).numpy(), mask

@@ -285,7 +285,11 @@ class JpegResult:
   num_frames: int = 0
 
 
-def _encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+JPEG_QUALITY = 95  # The builders' default: how the datasets store frames.
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+  """uint8 [H, W, 3] -> JPEG bytes, as the datasets store frames (PIL, 4:2:0 chroma)."""
   buf = io.BytesIO()
   Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
   return buf.getvalue()
@@ -327,7 +331,7 @@ def encode_video_jpeg(request: JpegRequest) -> JpegResult:
       if os.path.exists(file):
         if (cached := _load_cache(file, request.return_frames)) is not None:
           return cached
-    jpegs = tuple(_encode_jpeg(f, request.quality) for f in iter_frames(
+    jpegs = tuple(encode_jpeg(f, request.quality) for f in iter_frames(
         request.path, fps=request.fps, short_side=request.short_side,
         start_time=request.start_time, end_time=request.end_time))
     fps = _output_fps(request.path, request.fps)

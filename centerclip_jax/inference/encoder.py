@@ -6,8 +6,9 @@ Videos: any file PyAV decodes (decoded at `fps`, default 3, and shorter side
 `[T, H, W, 3]` uint8 of already extracted frames. Frames then take the one frame path of
 `data/frames.py`, the ops eval runs: `config.model.max_frames` frames sampled uniformly
 (`int(tick/2 + tick*i)`, `tick = T/max_frames`; shorter videos repeat their last frame,
-masked), resized (shorter side, bicubic), centre-cropped and CLIP-normalised; only the
-sampled frames are decoded. The clustering keys of `config.model` apply as in training.
+masked), stored as JPEG at `config.data.jpeg_quality` as the datasets store them and read
+back, resized (shorter side, bicubic), centre-cropped and CLIP-normalised; only the
+sampled frames are decoded. A video file therefore embeds as its dataset example does. The clustering keys of `config.model` apply as in training.
 """
 
 from __future__ import annotations
@@ -89,20 +90,23 @@ def _distinct(sampled: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
   return indices[mask]
 
 
-def video_inputs(frames: np.ndarray, max_frames: int, resolution: int):
+def video_inputs(frames: np.ndarray, max_frames: int, resolution: int, *,
+                 jpeg_quality: int = video_lib.JPEG_QUALITY):
   """uint8 [T, H, W, 3] -> (float32 [max_frames, res, res, 3], bool mask [max_frames]).
 
-  Eval sampling, resize, crop and normalisation of `frames.py`, the ops training and eval
-  run. The frames `load_frames` returns give the inputs of the whole video.
+  Eval sampling; each sampled frame stored as the datasets store it (JPEG at
+  `jpeg_quality`, `config.data.jpeg_quality`; 0 skips it), then the resize, crop and
+  normalisation of `frames.py`: the ops training and eval run, on the same bytes. The
+  frames `load_frames` returns give the inputs of the whole video.
   """
-  return frame_lib.model_inputs(frames, max_frames, resolution)
+  return frame_lib.model_inputs(frames, max_frames, resolution, jpeg_quality=jpeg_quality)
 
 
 def file_inputs(path: str, *, fps: float, short_side: int, max_frames: int,
-                resolution: int):
+                resolution: int, jpeg_quality: int = video_lib.JPEG_QUALITY):
   """(float32 [max_frames, R, R, 3], bool [max_frames], SampledVideo) of a video file."""
   clip = load_frames(path, fps=fps, short_side=short_side, max_frames=max_frames)
-  frames, mask = video_inputs(clip.frames, max_frames, resolution)
+  frames, mask = video_inputs(clip.frames, max_frames, resolution, jpeg_quality=jpeg_quality)
   return frames, mask, clip
 
 
@@ -159,7 +163,8 @@ def encode(config, video_paths: Sequence[str], captions: Sequence[str], *,
   clips = []
   for path in tqdm.tqdm(video_paths, desc="decoding videos", disable=not video_paths):
     clips.append(file_inputs(path, fps=fps, short_side=config.data.decode_short_side,
-                             max_frames=max_frames, resolution=res))
+                             max_frames=max_frames, resolution=res,
+                             jpeg_quality=config.data.jpeg_quality))
   tokens = tokenizer_lib.get_tokenizer().tokenize(list(captions), config.model.max_words)
 
   encode_video, encode_text = parallel.jit_encoders(model)

@@ -269,7 +269,8 @@ def _build_locked(config, videos_dir, index_dir, batch_size, fps, save_every, re
 
   prepare = videos_lib.Prepare(str(videos_dir), fps=fps,
                                short_side=config.data.decode_short_side, resolution=res,
-                               max_frames=max_frames)
+                               max_frames=max_frames,
+                               jpeg_quality=config.data.jpeg_quality)
   start_time = time.time()
   batch: list = []
   batches_since_save = 0

@@ -91,7 +91,7 @@ def scan_videos(root: os.PathLike, exclude: Iterable[os.PathLike] = (), *,
 
 
 def decode_for_index(path: str, fps: float, short_side: int, resolution: int,
-                     max_frames: int) -> dict:
+                     max_frames: int, jpeg_quality: int) -> dict:
   """A worker's job: the model inputs of one video, its thumbnail and what decoding found.
 
   `encode.file_inputs` decodes only the sampled frames; the middle one is the thumbnail.
@@ -99,7 +99,8 @@ def decode_for_index(path: str, fps: float, short_side: int, resolution: int,
   JPEG bytes, 'info': {num_frames, frames_used, truncated[, expected_frames]}}.
   """
   inputs, mask, clip = encode.file_inputs(path, fps=fps, short_side=short_side,
-                                          max_frames=max_frames, resolution=resolution)
+                                          max_frames=max_frames, resolution=resolution,
+                                          jpeg_quality=jpeg_quality)
   buf = io.BytesIO()
   Image.fromarray(clip.frames[len(clip.frames) // 2]).save(buf, format="JPEG",
                                                            quality=THUMB_QUALITY)
@@ -159,10 +160,11 @@ class Prepare:
   short_side: int
   resolution: int
   max_frames: int
+  jpeg_quality: int
 
   def __call__(self, f: VideoFile) -> dict:
     return decode_for_index(os.path.join(self.root, f.path), self.fps, self.short_side,
-                            self.resolution, self.max_frames)
+                            self.resolution, self.max_frames, self.jpeg_quality)
 
 
 def error_message(e: BaseException) -> str:
