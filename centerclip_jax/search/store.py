@@ -1,5 +1,6 @@
 """The files of a search index: reading them (every fault named with its fix), writing them
-atomically, the writer's lock, and thumbnails.
+as one atomic change (`commit`: a full disk or an I/O error leaves the previous index
+whole, `IndexWriteError` names the file), the writer's lock, and thumbnails.
 
   embeddings.npy  float32 `[V, D]`, L2-normalised video embeddings;
   manifest.json   one entry per video file (`path` relative to the videos folder, `size`,
@@ -7,7 +8,8 @@ atomically, the writer's lock, and thumbnails.
                   `thumb`, or 'error' with the `error` message), the model `fingerprint`,
                   `num_rows`, the embeddings' sha256, `complete`;
   config.json     the config the videos were embedded with;
-  thumbs/         one JPEG per indexed video (a frame the model saw), named by path hash;
+  thumbs/         one JPEG per indexed video (a frame the model saw), named by a hash of
+                  its path, size and mtime;
   index.lock      held (flock) by the one `search index` run writing the index.
 
 `load_index` checks what a damaged index looks like: a truncated or non-JSON manifest, a
