@@ -162,7 +162,6 @@ def test_prepare_data_verify_lists_bad_records(clean, tmp_path, capsys):
   assert len(out) == 4
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["train_and_eval", "eval"])
 def test_main_stops_with_one_line(clean, tmp_path, mode):
   """`main` on a corrupt train shard (training) or eval shard (eval-only): exit != 0, one

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 
 from etils import epath
 import jax
@@ -33,18 +34,31 @@ def _params_equal(a, b):
   return max(float(np.abs(a[k] - b[k]).max()) for k in keys)
 
 
-def _run_until(cmd, env, marker=None, sig=signal.SIGKILL):
-  """Runs a worker; sends `sig` when a line starts with `marker`. (returncode, log)."""
+def _start(cmd, env, marker=None, sig=signal.SIGKILL):
+  """Starts a worker, read by a thread that sends `sig` when a line starts with `marker`;
+  `_finish` of the result waits for it: (returncode, log)."""
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   log = []
-  try:
+
+  def read():
+    nonlocal marker
     for line in proc.stdout:
       log.append(line)
       if marker and line.startswith(marker):
         proc.send_signal(sig)
         marker = None
-    proc.wait(timeout=600)
+
+  reader = threading.Thread(target=read, daemon=True)
+  reader.start()
+  return proc, reader, log
+
+
+def _finish(started, timeout=900):
+  proc, reader, log = started
+  try:
+    proc.wait(timeout=timeout)
+    reader.join(timeout=60)
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -58,16 +72,16 @@ def killed_runs(tmp_path_factory):
   save of step 4 is being written; then each killed run resumed (plus a copy of the first
   with its newest checkpoint truncated)."""
   tmp = tmp_path_factory.mktemp("faults")
-  cache = tmp / "xla_cache"
-  full = subprocess.Popen(_cmd(tmp / "full", tmp / "full.npz"), cwd=REPO, env=_env(cache),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # The session's persistent XLA cache (tests/conftest.py): every run after the first
+  # anywhere reuses the compiled step. The three first runs go at once, then the resumes.
+  env = _env(os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp / "xla_cache")
+  full = _start(_cmd(tmp / "full", tmp / "full.npz"), env)
   # kill -9 mid-run: 1 s per step so that the kill lands between steps 7 and 8.
-  rc_train, log_train = _run_until(_cmd(tmp / "train", tmp / "x.npz", step_sleep=1.0),
-                                   _env(cache), marker="step 7 ")
-  rc_save, log_save = _run_until(_cmd(tmp / "save", tmp / "x.npz") + ["--kill_in_save", "4"],
-                                 _env(cache))
-  full_log, _ = full.communicate(timeout=600)
-  assert full.returncode == 0, full_log[-3000:]
+  train = _start(_cmd(tmp / "train", tmp / "x.npz", step_sleep=1.0), env, marker="step 7 ")
+  save = _start(_cmd(tmp / "save", tmp / "y.npz") + ["--kill_in_save", "4"], env)
+  (rc_train, log_train), (rc_save, log_save) = _finish(train), _finish(save)
+  rc_full, full_log = _finish(full)
+  assert rc_full == 0, full_log[-3000:]
   assert rc_train == -signal.SIGKILL, log_train[-3000:]
   assert rc_save == -signal.SIGKILL and "KILLING in save 4" in log_save, log_save[-3000:]
   after_kill = {
@@ -77,8 +91,10 @@ def killed_runs(tmp_path_factory):
   newest = max(int(d) for d in after_kill["train"] if d.isdigit())
   truncate_state(tmp / "corrupt" / "checkpoints" / str(newest))
   out = {"full": dict(np.load(tmp / "full.npz")), "after_kill": after_kill, "newest": newest}
-  for name in ("train", "save", "corrupt"):
-    rc, log = _run_until(_cmd(tmp / name, tmp / f"{name}.npz"), _env(cache))
+  resumed = {name: _start(_cmd(tmp / name, tmp / f"{name}.npz"), env)
+             for name in ("train", "save", "corrupt")}
+  for name, started in resumed.items():
+    rc, log = _finish(started)
     assert rc == 0, log[-3000:]
     out[name] = dict(np.load(tmp / f"{name}.npz"))
     out[name + "_log"] = log
@@ -91,7 +107,6 @@ def _resumed_from(log):
   return int(lines[0].split()[1]) if lines else 0
 
 
-@pytest.mark.slow
 def test_kill9_during_training_resumes_exactly(killed_runs):
   r = killed_runs
   # Saved every 2 steps (each save waits for the one before), killed after step 7: step 4
@@ -105,7 +120,6 @@ def test_kill9_during_training_resumes_exactly(killed_runs):
   assert _params_equal(r["full"], r["train"]) == 0.0
 
 
-@pytest.mark.slow
 def test_kill9_during_async_save_resumes_from_last_complete(killed_runs):
   r = killed_runs
   # Step 4 was half-written (a temporary folder, never committed): it is not a step.
@@ -117,7 +131,6 @@ def test_kill9_during_async_save_resumes_from_last_complete(killed_runs):
   assert not glob.glob(str(r["tmp"] / "save" / "checkpoints" / "*tmp*"))  # cleaned up
 
 
-@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_and_continues(killed_runs):
   r = killed_runs
   log, newest = r["corrupt_log"], r["newest"]
@@ -284,7 +297,6 @@ def _tiny_config(tmp_path, **train):
   return c
 
 
-@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
   from centerclip_jax.training import trainer  # pylint: disable=g-import-not-at-top
   _poison_batch(monkeypatch, 2)  # the 3rd step
@@ -298,7 +310,6 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing saved after it
 
 
-@pytest.mark.slow
 def test_skip_nonfinite_counts_skips(tmp_path, monkeypatch, caplog):
   from centerclip_jax.training import trainer  # pylint: disable=g-import-not-at-top
   _poison_batch(monkeypatch, 2)
