@@ -167,7 +167,10 @@ def _beam_config(args) -> dict:
   """DownloadConfig's beam_runner / beam_options ({} for the process pool)."""
   if not (args.beam_runner or args.beam_pipeline_options):
     return {}
+  import logging  # pylint: disable=g-import-not-at-top
   from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  # Beam logs a failing step's traceback, then re-raises: the error is printed once, below.
+  logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
   flags = [f"--{o.strip()}" for o in args.beam_pipeline_options.split(",") if o.strip()]
   return {"beam_runner": args.beam_runner,
           "beam_options": pipeline_options.PipelineOptions(flags)}
