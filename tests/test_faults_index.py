@@ -247,7 +247,8 @@ def test_two_processes_on_one_index(base, tmp_path):
       time.sleep(0.2)
     second = subprocess.run(
         [sys.executable, "-m", "centerclip_jax.search", "index", "--config",
-         os.path.join(REPO, "configs", "msrvtt.py"), f"--config.init_from={base['config'].init_from}",
+         os.path.join(REPO, "configs", "msrvtt.py"),
+         f"--config.init_from={base['config'].init_from}",
          *MODEL_FLAGS, "--videos", str(base["updated"]), "--index", str(index)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
