@@ -3,6 +3,7 @@ r"""Speed and memory of the video tower with and without token clustering.
   python tools/benchmark.py [--quick] [--json OUT.json] [--archs ViT-B/32,ViT-B/16]
   python tools/benchmark.py --vs-torch   # our ViT-B/32 tower vs the reference PyTorch one
   python tools/benchmark.py --long-video # decode: a 30-min vs a 10-s video (tools/long_video.py)
+  python tools/benchmark.py --indexing   # `search index`: videos/s, model's wait for decoding
 
 For each architecture (random weights at real shapes, 12 frames, 224 px) it compares the
 CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ and
@@ -16,9 +17,10 @@ spectral clustering (K = 49 for B/32, 160 for B/16), all measured in one run:
 - ideal_speedup: baseline FLOPs / these FLOPs, from XLA's cost analysis of the same programs;
 - cluster_share: time of the clustering step(s) alone, jit-compiled and run on the very
   tokens the tower feeds them, over the tower's time;
-- train_memory_bytes: peak memory of one compiled training step (global batch 32,
-  symmetric InfoNCE + AdamW), from XLA's memory analysis (compiled, not run), in float32
-  and bfloat16; train_memory_ratio: over the baseline's of the same dtype.
+- train_memory_bytes: peak memory of one compiled training step (global batch 32;
+  training's own step and optimizer, `trainer.make_train_step`, state donated), from
+  XLA's memory analysis (compiled, not run), in float32 and bfloat16;
+  train_memory_ratio: over the baseline's of the same dtype.
 
 Runs unchanged on GPU/TPU (the arrays go to the default device).
 """
@@ -38,10 +40,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from centerclip_jax import config as config_lib
-from centerclip_jax.training import losses
+from centerclip_jax.training import optim
+from centerclip_jax.training import trainer
 from centerclip_jax.clustering import segments as segments_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
@@ -113,26 +115,28 @@ def cluster_time(model, params, frames, mask, repeats: int) -> float:
 
 
 def train_memory(model, global_batch: int, words: int = 32) -> int:
-  """Peak bytes of one compiled train step (XLA memory analysis, not executed)."""
+  """Peak bytes of one compiled train step (XLA memory analysis, not executed).
+
+  The step is training's own (`trainer.make_train_step`, the state donated as `_train`
+  does) with the default recipe's optimizer (`optim.make_optimizer`, `config.train`),
+  so the figure is that of the program `main` runs."""
   params = centerclip.abstract_params(model)
-  tx = optax.adamw(1e-5, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2)
-  opt_state = jax.eval_shape(tx.init, params)
+  t = config_lib.base_config().train
+  tx, _ = optim.make_optimizer(
+      params, lr=t.lr, coef_lr=t.coef_lr, total_steps=1000, optimizer=t.optimizer,
+      warmup_proportion=t.warmup_proportion, weight_decay=t.weight_decay,
+      clip_norm=t.clip_norm, freeze_layer_num=t.freeze_layer_num)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  state = {"step": scalar, "params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)), "nonfinite": scalar,
+           "first_nonfinite": scalar}
   res = model.clip_config.image_resolution
-  frames = jax.ShapeDtypeStruct((global_batch, model.max_frames, res, res, 3), jnp.float32)
-  mask = jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_)
-  text = jax.ShapeDtypeStruct((global_batch, words), jnp.int32)
-
-  def step(params, opt_state, frames, mask, text):
-    def loss_fn(p):
-      v, t, s = model.apply({"params": p}, frames, mask, text, train=True,
-                            rngs={"cluster": jax.random.PRNGKey(0)})
-      return losses.symmetric_infonce(v, t, s)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state, frames, mask, text).compile()
+  batch = {"frames": jax.ShapeDtypeStruct((global_batch, model.max_frames, res, res, 3),
+                                          jnp.float32),
+           "frame_mask": jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_),
+           "text": jax.ShapeDtypeStruct((global_batch, words), jnp.int32)}
+  compiled = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,)).lower(
+      state, batch).compile()
   mem = compiled.memory_analysis()
   return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)
@@ -255,6 +259,53 @@ def vs_torch(batch: int = 4, frames: int = 12, repeats: int = 5, arch: str = "Vi
   return out
 
 
+def indexing(short_n: int = 8, long_n: int = 2, long_seconds: float = 600.0,
+             workers: int = 2, batch_size: int = 8) -> dict:
+  """`search index` (`index.build_index`, decoding in `workers` processes) on generated
+  320x240 h264 videos: `short_n` x 10 s and `long_n` x `long_seconds`, the default model
+  (ViT-B/32 `B6-4,49`, 12 frames) with random weights. A warm-up index of one video
+  compiles the model first (persistent compilation cache), so the timed runs measure
+  decoding and the model, not XLA. Returns videos/s and the model's wait share per set."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile
+  import long_video as long_video_lib  # pylint: disable=g-import-not-at-top  (tools/)
+  from centerclip_jax.search import index as index_lib
+  out = {"workers": workers, "batch_size": batch_size, "arch": "ViT-B/32",
+         "config": "default (B6-4,49 k-medoids++)", "sets": {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    jax.config.update("jax_compilation_cache_dir", str(tmp / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    config = config_lib.base_config()
+    config.allow_random_init = True
+    sets = {"warm-up": (1, 10.0), "10 s": (short_n, 10.0),
+            f"{long_seconds / 60:g} min": (long_n, long_seconds)}
+    for name, (count, seconds) in sets.items():
+      folder = tmp / name.replace(" ", "_")
+      folder.mkdir()
+      # One generated video, copied: every copy is decoded and embedded on its own.
+      first = long_video_lib.write_video(folder / "v0.mp4", seconds)
+      for i in range(1, count):
+        shutil.copyfile(first, folder / f"v{i}.mp4")
+    for name, (count, seconds) in sets.items():
+      folder = tmp / name.replace(" ", "_")
+      s = index_lib.build_index(config, folder, tmp / f"index_{folder.name}",
+                                batch_size=batch_size, workers=workers, progress=False)
+      if s.errors or len(s.embedded) != count:
+        raise RuntimeError(f"indexing {name}: {s.errors or s.embedded}")
+      if name == "warm-up":
+        continue
+      row = {"videos": count, "video_seconds": seconds, "seconds": s.seconds,
+             "videos_per_second": s.videos_per_second,
+             "model_wait_share": s.input_wait_share}
+      out["sets"][name] = row
+      print(f"{name:8s} {count:3d} videos  {s.seconds:7.1f} s  {s.videos_per_second:6.2f} "
+            f"videos/s  model waited for decoding {100 * s.input_wait_share:4.1f}% "
+            f"(workers {workers}, batch {batch_size})", flush=True)
+  out["load_average"] = os.getloadavg()
+  return out
+
+
 HEADER = (f"{'arch':9s} {'config':22s} {'dtype':8s} {'ms/video':>9s} {'speedup':>8s} "
           f"{'ideal':>6s} {'GFLOP/v':>8s} {'clust%':>7s} {'train GB':>9s} {'mem ratio':>9s}")
 
@@ -302,7 +353,16 @@ def main():
                       "of a generated long video vs a 10-s one, before/after seeking")
   parser.add_argument("--long_seconds", type=float, default=1800.0,
                       help="--long-video: length of the long video")
+  parser.add_argument("--indexing", action="store_true",
+                      help="only: `search index` videos/s and the share of time the model "
+                      "waits for decoding, on generated 10-s and 10-min h264 videos")
+  parser.add_argument("--workers", type=int, default=2, help="--indexing: decode processes")
   args = parser.parse_args()
+  if args.indexing:
+    out = indexing(workers=args.workers, batch_size=args.batch or 8)
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    return
   if args.long_video:
     long_video(args.long_seconds, args.json)
     return
