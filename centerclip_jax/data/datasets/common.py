@@ -8,7 +8,8 @@ video on disk (keyed by path + mtime + options) so that an interrupted build
 restarts fast, skips missing and undecodable videos and records them, and the
 short ones, in the dataset's metadata (`info.metadata['skipped']`, `['short']`,
 `['listed']`, `['empty_splits']`), and writes the readable build report
-(`report.py`) to `build_report.txt` in the dataset's folder.
+(`report.py`) to `build_report.txt` in the dataset's folder. A download config
+with a Beam runner or options builds in a Beam pipeline instead (`beam_build.py`).
 """
 
 from __future__ import annotations
