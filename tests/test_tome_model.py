@@ -13,9 +13,6 @@ from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 from tests import tome_reference as ref
 
-# Compile-heavy: in the slow set (`pytest -m slow`), outside CI's 25-minute budget.
-pytestmark = pytest.mark.slow
-
 TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=16, vision_layers=3, vision_width=64,
                            vision_patch_size=4, context_length=16, vocab_size=100,
                            transformer_width=32, transformer_heads=2, transformer_layers=1)
@@ -29,14 +26,15 @@ def test_proportional_attention_equals_attention_over_duplicates():
   base = rng.normal(size=(1, 6, 32)).astype(np.float32)
   sizes = np.asarray([1, 3, 1, 2, 1, 4], np.float32)
   full = np.repeat(base, sizes.astype(int), axis=1)  # [1, 12, 32] with duplicates
-  params = block.init(jax.random.PRNGKey(1), jnp.asarray(full))
-  out_full = np.asarray(block.apply(params, jnp.asarray(full)))
+  params = jax.jit(block.init)(jax.random.PRNGKey(1), jnp.asarray(full))
+  apply = jax.jit(block.apply)
+  out_full = np.asarray(apply(params, jnp.asarray(full)))
   bias = jnp.log(jnp.asarray(sizes))[None, None, None, :]
-  out_merged = np.asarray(block.apply(params, jnp.asarray(base), bias))
+  out_merged = np.asarray(apply(params, jnp.asarray(base), bias))
   first = np.concatenate([[0], np.cumsum(sizes.astype(int))[:-1]])
   np.testing.assert_allclose(out_merged[0], out_full[0, first], rtol=1e-5, atol=1e-5)
   # Without the bias the merged block differs: the identity is not trivially true.
-  plain = np.asarray(block.apply(params, jnp.asarray(base)))
+  plain = np.asarray(apply(params, jnp.asarray(base)))
   assert np.abs(plain[0] - out_full[0, first]).max() > 1e-3
 
 
@@ -79,8 +77,8 @@ def _inputs():
 
 @pytest.mark.parametrize("tome_r", [(), (0, 8, 6)])
 def test_tome_model_finite_sizes_conserved_grads_finite(tome_r):
-  # (jit == no-jit of the merge itself: tests/test_tome.py; the whole tower eagerly is
-  # minutes on 2 cores.)
+  # (jit == no-jit of the merge itself: tests/test_tome.py; the whole tower, or its
+  # gradient, eagerly is minutes on 2 cores.)
   model = _model(tome_r)
   frames, mask, text = _inputs()
   params = centerclip.init_params(model, jax.random.PRNGKey(0))
@@ -92,8 +90,8 @@ def test_tome_model_finite_sizes_conserved_grads_finite(tome_r):
                                            mutable=["intermediates"]))(params)
   sizes = np.asarray(inter["intermediates"]["cluster_step_0"][0]["sizes"])
   np.testing.assert_array_equal(sizes.sum(-1), 2 * 16)  # every patch of the segment
-  grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, frames, mask, text)[0] ** 3))(
-      params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, frames, mask,
+                                                          text)[0] ** 3)))(params)
   assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
