@@ -7,7 +7,12 @@ there, SIGTERM mid-run and resume (params equal an uninterrupted run); eval-only
 index` into the bucket, `query` and `serve` from it; `encode --output gs://`; two hosts
 (jax.distributed on localhost) with their own TMPDIR and HOME and nothing shared but the
 bucket: preemption of one host stops both at one step, resume, results written once, each
-host reading its own shard. Tiny configs and module fixtures keep the file CI-sized.
+host reading its own shard.
+
+CI runs the emulator wiring, prepare_data and the two-host run (train mode, 6 steps). The
+single-host runs, eval-only, the weight conversion and search/encode are `slow` (each
+`main`/CLI process costs 15-50 CPU seconds here; all of them would take the file to about
+8 CPU minutes).
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ def _tool(name: str):
   return module
 
 
+@pytest.mark.slow
 def test_convert_weights_into_the_bucket(gcs, tmp_path):
   """tools/convert_clip_weights.py --input gs://... --output gs://...; same tree as local."""
   from centerclip_jax.weights import porting
@@ -234,8 +240,12 @@ def _params(workdir, step=6):
   import jax
   import orbax.checkpoint as ocp
   from centerclip_jax.training import checkpoints
-  with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.restore(paths.user_path(workdir) / "checkpoints" / str(step) / checkpoints.STATE)
+  path = paths.user_path(workdir) / "checkpoints" / str(step) / checkpoints.STATE
+  with ocp.PyTreeCheckpointer() as ckptr:  # as NumPy: the saving run may have had 2 hosts
+    meta = ckptr.metadata(path)
+    meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    tree = ckptr.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta))
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
 
@@ -254,6 +264,7 @@ def bucket_run(gcs):
   return workdir, proc
 
 
+@pytest.mark.slow
 def test_train_with_everything_in_the_bucket(gcs, bucket_run):
   workdir, proc = bucket_run
   root = paths.user_path(workdir)
@@ -266,6 +277,7 @@ def test_train_with_everything_in_the_bucket(gcs, bucket_run):
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # never a local folder named gs:
 
 
+@pytest.mark.slow
 def test_eval_only_from_the_bucket_reproduces_metrics(gcs, bucket_run):
   workdir, _ = bucket_run
   evaldir = gcs.url("runs/eval")
@@ -278,6 +290,7 @@ def test_eval_only_from_the_bucket_reproduces_metrics(gcs, bucket_run):
       assert again[direction][key] == pytest.approx(first[direction][key], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_bucket_then_resume_equals_uninterrupted_run(gcs, bucket_run):
   """SIGTERM mid-run saves into the bucket first; the resumed run ends with the params of
   the uninterrupted run (bucket_run, same config)."""
@@ -307,6 +320,8 @@ def test_sigterm_in_the_bucket_then_resume_equals_uninterrupted_run(gcs, bucket_
 
 
 WORKER = os.path.join(REPO, "tests", "multihost_worker.py")
+# Train only (no eval programs to compile); INFO lines on the console, for the markers.
+TWO_HOST_FLAGS = ("--config.mode=train", "--verbosity=1")
 
 
 def _two_hosts(gcs, workdir, scratch, sigterm_after=None, extra=()):
@@ -323,7 +338,7 @@ def _two_hosts(gcs, workdir, scratch, sigterm_after=None, extra=()):
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, WORKER, "main", "--num_processes", "2", "--process_id", str(i),
            "--coordinator", f"localhost:{port}", "--out", str(scratch / f"host{i}.jsonl"),
-           "--", *_tiny(gcs, workdir), "--verbosity=1", *extra]
+           "--", *_tiny(gcs, workdir), *TWO_HOST_FLAGS, *extra]
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(HOME=str(home), TMPDIR=str(tmp)),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   logs = ["", ""]
@@ -355,9 +370,20 @@ def _tb_pids(workdir):
           if p.name.startswith("events.out.tfevents")}
 
 
+def _prepare_demo_data(gcs):
+  """The tiny demo dataset in the bucket, built once here (as a pod prepares data first)."""
+  from centerclip_jax import config as config_lib
+  from centerclip_jax.training import trainer
+  config = config_lib.base_config()
+  config.dataset, config.data_dir = "synthetic_video_text/tiny", gcs.url("tfds")
+  config.train_split, config.val_split, config.eval_split = "train", "", "test"
+  return trainer.get_builder(config)
+
+
 @pytest.fixture(scope="module")
-def two_hosts(gcs, bucket_run, tmp_path_factory):
+def two_hosts(gcs, tmp_path_factory):
   """Two hosts: SIGTERM to host 1 after step 3, then both resumed to the end."""
+  _prepare_demo_data(gcs)
   scratch = tmp_path_factory.mktemp("two_hosts")
   workdir = gcs.url("runs/two_hosts")
   first = _two_hosts(gcs, workdir, scratch, sigterm_after=3)
@@ -489,6 +515,7 @@ def _emb(search_runs):
     return dict(np.load(os.fspath(local)))
 
 
+@pytest.mark.slow
 def test_encode_output_in_the_bucket(search_runs):
   emb = _emb(search_runs)
   assert emb["video_embeddings"].shape == (2, 32) and emb["text_embeddings"].shape == (2, 32)
@@ -498,6 +525,7 @@ def test_encode_output_in_the_bucket(search_runs):
   assert not os.path.exists(os.path.join(REPO, "gs:"))
 
 
+@pytest.mark.slow
 def test_search_index_in_the_bucket_and_query_from_it(search_runs):
   from centerclip_jax.search import index as index_lib
   assert "2 videos; embedded 2" in search_runs["built"].stdout
@@ -520,6 +548,7 @@ def test_search_index_in_the_bucket_and_query_from_it(search_runs):
   assert [p.name for p in search_runs["scratch"].iterdir()] in ([], ["centerclip_jax"])
 
 
+@pytest.mark.slow
 def test_search_serve_stages_a_local_copy(search_runs):
   from centerclip_jax.search import serve
   service = serve.Service(search_runs["index"], max_batch=1)

@@ -7,7 +7,8 @@ The state is the real training state's abstract shapes (CenterCLIP ViT-B/32 para
 CLIP4Clip AdamW state, step, RNG), filled with random float32 values, written and read
 back with the trainer's `Checkpointer` (orbax). `--emulator` starts tests/gcs_emulator.py
 (in-memory, 127.0.0.1; needs a checkout of the repository) and adds a workdir in it. Each
-workdir is removed afterwards.
+workdir (and the emulator's folder) is removed afterwards. The load average is printed
+with each result: on a shared machine the times are only as good as the idle CPUs.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main():
     sys.modules[spec.name] = gcs_emulator  # its dataclass looks itself up there
     spec.loader.exec_module(gcs_emulator)
     import tempfile  # pylint: disable=g-import-not-at-top
-    emulator = gcs_emulator.start("bench", pathlib.Path(tempfile.mkdtemp(prefix="gcs-")))
+    emulator_dir = pathlib.Path(tempfile.mkdtemp(prefix="gcs-"))
+    emulator = gcs_emulator.start("bench", emulator_dir)
     emulator.apply()
     workdirs.append(emulator.url("ckpt"))
   state, abstract, floats = random_state()
@@ -101,11 +103,15 @@ def main():
       runs = [time_one(workdir, state, abstract) for _ in range(args.repeats)]
       save, restore = min(r[0] for r in runs), min(r[1] for r in runs)
       each = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in runs)
+      load = " ".join(f"{x:.2f}" for x in os.getloadavg())
       print(f"{workdir}: save {save:.1f} s, restore {restore:.1f} s (best of {args.repeats}; "
-            f"save/restore per run: {each})", flush=True)
+            f"save/restore per run: {each}; load average {load} on {os.cpu_count()} CPUs)",
+            flush=True)
   finally:
     if emulator is not None:
       emulator.stop()
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(emulator_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
