@@ -56,8 +56,8 @@ class VideoJob:
 class VideoTextConfig(tfds.core.BuilderConfig):
   """Decoding options: target fps, shorter side and JPEG quality."""
 
-  def __init__(self, *, fps: float = 3.0, short_side: int = 224, jpeg_quality: int = 95,
-               name: str | None = None, **kwargs):
+  def __init__(self, *, fps: float = 3.0, short_side: int = 224,
+               jpeg_quality: int = video.JPEG_QUALITY, name: str | None = None, **kwargs):
     if fps <= 0 or short_side <= 0 or not 1 <= jpeg_quality <= 100:
       raise ValueError(f"bad config: fps={fps}, short_side={short_side}, "
                        f"jpeg_quality={jpeg_quality}")
