@@ -400,6 +400,7 @@ def _preempted_step(log):
   return int(lines[0].split("preempted: saved step")[1].split(",")[0])
 
 
+@pytest.mark.slow  # CI budget: the two-host fixture is ~4 min on 2 cores
 def test_two_hosts_preempted_together_and_resumed_through_the_bucket(two_hosts):
   (rcs, logs, _), (rcs2, logs2, _) = two_hosts["first"], two_hosts["second"]
   assert rcs == [143, 143], "\n".join(l[-3000:] for l in logs)
@@ -414,6 +415,7 @@ def test_two_hosts_preempted_together_and_resumed_through_the_bucket(two_hosts):
   assert results["train_steps"] == 6 and "2 host(s)" in logs[0]
 
 
+@pytest.mark.slow  # CI budget: the two-host fixture is ~4 min on 2 cores
 def test_two_hosts_only_process_0_writes_results_and_tensorboard(two_hosts):
   scratch = two_hosts["scratch"]
   wrote0, wrote1 = (_records(scratch / f"host{i}.jsonl", "wrote") for i in range(2))
@@ -426,6 +428,7 @@ def test_two_hosts_only_process_0_writes_results_and_tensorboard(two_hosts):
     assert not list((scratch / f"home{i}").rglob("*.tfevents*"))
 
 
+@pytest.mark.slow  # CI budget: the two-host fixture is ~4 min on 2 cores
 def test_two_hosts_each_read_only_their_shard(gcs, two_hosts):
   import tensorflow_datasets as tfds
   builder = tfds.builder("synthetic_video_text/tiny", data_dir=gcs.url("tfds"))
