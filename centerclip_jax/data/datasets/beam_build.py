@@ -28,7 +28,7 @@ import apache_beam as beam
 from etils import epath
 
 from centerclip_jax.data import video
-from centerclip_jax.data.datasets import common, report
+from centerclip_jax.data.datasets import common
 
 _STATUS = "status"
 _STATUS_FILE = "beam_video_status.json"  # In the dataset's folder until the build ends.
@@ -73,9 +73,7 @@ def split_generators(builder, dl_manager, pipeline):
            for key, job in unique]
   if not units:  # Every video missing: the pool build's message.
     builder.sort_out(dl_manager, splits, paths, {}, {}, {"videos": 0})
-    raise ValueError(f"{builder.name}: no video of any split could be read from "
-                     f"{dl_manager.manual_dir}:\n"
-                     + report.render(builder.info.metadata, builder.name))
+    raise builder.no_video_error(dl_manager)
   status_file = os.fspath(builder.data_path / _STATUS_FILE)
   builder.beam_state = {"dl_manager": dl_manager, "splits": splits, "paths": paths,
                         "videos": len(units), "status_file": status_file,

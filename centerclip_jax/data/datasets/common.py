@@ -238,10 +238,14 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     generators = {name: self._generate_examples(split=name, jobs=jobs)
                   for name, jobs in good.items() if jobs}
     if not generators:
-      raise ValueError(f"{self.name}: no video of any split could be read from "
-                       f"{dl_manager.manual_dir}:\n"
-                       + report.render(self.info.metadata, self.name))
+      raise self.no_video_error(dl_manager)
     return generators
+
+  def no_video_error(self, dl_manager) -> ValueError:
+    """The error of a build with no video to write, with the report (after `sort_out`)."""
+    return ValueError(f"{self.name}: no video of any split could be read from "
+                      f"{dl_manager.manual_dir}:\n"
+                      + report.render(self.info.metadata, self.name))
 
   def sort_out(self, dl_manager, splits, paths, errors, frames, decode):
     """Records in the metadata which videos were written, skipped or short.
