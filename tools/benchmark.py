@@ -128,10 +128,8 @@ def train_memory(model, global_batch: int, words: int = 32) -> int:
       params, lr=t.lr, coef_lr=t.coef_lr, total_steps=1000, optimizer=t.optimizer,
       warmup_proportion=t.warmup_proportion, weight_decay=t.weight_decay,
       clip_norm=t.clip_norm, freeze_layer_num=t.freeze_layer_num)
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  state = {"step": scalar, "params": params, "opt_state": jax.eval_shape(tx.init, params),
-           "rng": jax.eval_shape(lambda: jax.random.PRNGKey(0)), "nonfinite": scalar,
-           "first_nonfinite": scalar}
+  state = jax.eval_shape(lambda p: trainer.initial_state(p, tx, jax.random.PRNGKey(0)),
+                         params)
   res = model.clip_config.image_resolution
   batch = {"frames": jax.ShapeDtypeStruct((global_batch, model.max_frames, res, res, 3),
                                           jnp.float32),

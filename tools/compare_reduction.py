@@ -110,10 +110,7 @@ def demo_step_times(repeats: int, steps: int = 3) -> dict:
     params = centerclip.init_params(model, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(params, lr=base.train.lr, coef_lr=base.train.coef_lr,
                                  total_steps=1000, freeze_layer_num=-1)
-    zero = jnp.zeros((), jnp.int32)
-    state = parallel.replicate({"step": zero, "params": params, "opt_state": tx.init(params),
-                                "rng": jax.random.PRNGKey(1), "nonfinite": zero,
-                                "first_nonfinite": zero}, mesh)
+    state = parallel.replicate(trainer.initial_state(params, tx, jax.random.PRNGKey(1)), mesh)
     fn = jax.jit(trainer.make_train_step(model, tx), in_shardings=(rep, shard),
                  out_shardings=(rep, rep), donate_argnums=(0,))
     state, _ = jax.block_until_ready(fn(state, batch))  # compile

@@ -22,7 +22,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 
 from centerclip_jax import config as config_lib
@@ -77,10 +76,7 @@ def main():
     params = centerclip.init_params(model, jax.random.PRNGKey(0))
     tx, _ = optim.make_optimizer(params, lr=5e-3, coef_lr=1e-3, total_steps=100,
                                  freeze_layer_num=0)
-    zero = jnp.zeros((), jnp.int32)
-    state = parallel.replicate({"step": zero, "params": params, "opt_state": tx.init(params),
-                                "rng": jax.random.PRNGKey(1), "nonfinite": zero,
-                                "first_nonfinite": zero}, mesh)
+    state = parallel.replicate(train.initial_state(params, tx, jax.random.PRNGKey(1)), mesh)
     step_fn = jax.jit(train.make_train_step(model, tx), in_shardings=(rep, shard),
                       out_shardings=(rep, rep), donate_argnums=(0,))
     state, first = time_steps(step_fn, state, batches, mesh, 1, 1)

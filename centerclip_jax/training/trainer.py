@@ -70,6 +70,13 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def initial_state(params, tx, rng) -> dict:
+  """The train state `make_train_step` takes, before the first step."""
+  zero = jnp.zeros((), jnp.int32)
+  return {"step": zero, "params": params, "opt_state": tx.init(params), "rng": rng,
+          "nonfinite": zero, "first_nonfinite": zero}
+
+
 def make_train_step(model, tx):
   """(state, batch) -> (state, metrics); state = {step, params, opt_state, rng, nonfinite,
   first_nonfinite}: `step` counts micro-steps; `nonfinite` the updates dropped for a
@@ -266,9 +273,7 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       optimizer=t.get("optimizer", "adamw"), warmup_proportion=t.warmup_proportion,
       weight_decay=t.weight_decay, clip_norm=t.clip_norm,
       grad_accum_steps=t.grad_accum_steps, freeze_layer_num=t.freeze_layer_num)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params), "rng": jax.random.PRNGKey(config.seed + 1),
-           "nonfinite": jnp.zeros((), jnp.int32), "first_nonfinite": jnp.zeros((), jnp.int32)}
+  state = initial_state(params, tx, jax.random.PRNGKey(config.seed + 1))
   ckpt = checkpoints_lib.Checkpointer(
       str(workdir), max_to_keep=t.keep_checkpoints,
       best_metric="/".join(SELECTION_METRIC), best_mode="max")
