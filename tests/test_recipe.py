@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -380,3 +381,66 @@ def test_step_timer_counts_finished_steps_and_leaves_out_pauses():
   dt = timer.lap(x @ x)
   assert 0.05 <= dt < 0.2, dt
   assert timer.steps == 0  # A lap starts the next measurement.
+
+
+# ----------------------------------------------------------------------------- frozen
+
+
+class _EmbeddingModel:
+  """A CLIP-shaped stand-in for `make_train_step`: frames through one matrix, captions
+  through a token embedding (frozen at freeze_layer_num=0, as CLIP's) and a projection."""
+
+  def apply(self, variables, frames, frame_mask, text, train, rngs):
+    del frame_mask, train, rngs
+    p = variables["params"]["clip"]
+    video = frames.reshape(frames.shape[0], -1) @ p["visual"]["proj"]
+    words = p["token_embedding"]["embedding"][text].sum(1) @ p["text_projection"]
+    norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return norm(video), norm(words), jnp.exp(p["logit_scale"])
+
+
+def test_frozen_params_get_no_gradient_and_grad_norm_is_the_clipped_one():
+  """As `requires_grad=False`: the frozen embedding's gradient (a scatter-add) is not in
+  the compiled step, the logged grad_norm is clip_grad_norm_'s (trainable params only),
+  and the update is the one the full gradient with zeroed frozen entries gives."""
+  from centerclip_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  params = {"clip": {"visual": {"proj": f32(12, 4)}, "token_embedding": {"embedding": f32(30, 6)},
+                     "text_projection": f32(6, 4), "logit_scale": jnp.float32(np.log(10.0))}}
+  batch = {"frames": f32(4, 1, 2, 2, 3), "frame_mask": jnp.ones((4, 1), bool),
+           "text": jnp.asarray(rng.integers(0, 30, size=(4, 5)), jnp.int32)}
+  tx, _ = optim.make_optimizer(params, lr=1e-2, coef_lr=1.0, total_steps=10, clip_norm=0.05,
+                               freeze_layer_num=0)
+  trainable = optim.trainable_mask(params, freeze_layer_num=0)
+  assert not trainable["clip"]["token_embedding"]["embedding"]
+  assert trainable["clip"]["text_projection"] and trainable["clip"]["visual"]["proj"]
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params),
+           "rng": jax.random.PRNGKey(0), "nonfinite": jnp.int32(0),
+           "first_nonfinite": jnp.int32(0)}
+  masked = jax.jit(trainer.make_train_step(_EmbeddingModel(), tx, trainable))
+  full = jax.jit(trainer.make_train_step(_EmbeddingModel(), tx))
+  embedding_grad = re.compile(r"= f32\[30,6\]\S* scatter\(")  # the token-embedding gradient
+  assert embedding_grad.search(full.lower(state, batch).compile().as_text())
+  assert not embedding_grad.search(masked.lower(state, batch).compile().as_text())
+
+  def loss(p):
+    from centerclip_jax.training import losses  # pylint: disable=g-import-not-at-top
+    return losses.symmetric_infonce(*_EmbeddingModel().apply({"params": p}, batch["frames"],
+                                                             None, batch["text"], True, None))
+  grads = jax.grad(loss)(params)
+  g = grads["clip"]
+  trainable_norm = np.sqrt(sum(float(jnp.sum(x ** 2)) for x in (
+      g["visual"]["proj"], g["text_projection"], g["logit_scale"])))
+  embedding_norm = float(jnp.linalg.norm(g["token_embedding"]["embedding"]))
+  assert embedding_norm > 0.02 * trainable_norm  # the frozen gradient would show (>= 2e-4)
+  new_masked, m_masked = masked(state, batch)
+  new_full, m_full = full(state, batch)
+  np.testing.assert_allclose(float(m_masked["grad_norm"]), trainable_norm, rtol=1e-5)
+  np.testing.assert_allclose(float(m_full["grad_norm"]),
+                             np.hypot(trainable_norm, embedding_norm), rtol=1e-5)
+  assert trainable_norm > 0.05  # so clipping is active and uses the trainable norm
+  for a, b in zip(jax.tree.leaves(new_masked["params"]), jax.tree.leaves(new_full["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(new_masked["params"]["clip"]["token_embedding"]["embedding"],
+                                params["clip"]["token_embedding"]["embedding"])

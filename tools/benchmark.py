@@ -135,7 +135,9 @@ def train_memory(model, global_batch: int, words: int = 32) -> int:
                                           jnp.float32),
            "frame_mask": jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_),
            "text": jax.ShapeDtypeStruct((global_batch, words), jnp.int32)}
-  compiled = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,)).lower(
+  trainable = optim.trainable_mask(params, freeze_layer_num=t.freeze_layer_num)
+  compiled = jax.jit(trainer.make_train_step(model, tx, trainable),
+                     donate_argnums=(0,)).lower(
       state, batch).compile()
   mem = compiled.memory_analysis()
   return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes

@@ -77,7 +77,8 @@ def main():
     tx, _ = optim.make_optimizer(params, lr=5e-3, coef_lr=1e-3, total_steps=100,
                                  freeze_layer_num=0)
     state = parallel.replicate(train.initial_state(params, tx, jax.random.PRNGKey(1)), mesh)
-    step_fn = jax.jit(train.make_train_step(model, tx), in_shardings=(rep, shard),
+    trainable = optim.trainable_mask(params, freeze_layer_num=0)
+    step_fn = jax.jit(train.make_train_step(model, tx, trainable), in_shardings=(rep, shard),
                       out_shardings=(rep, rep), donate_argnums=(0,))
     state, first = time_steps(step_fn, state, batches, mesh, 1, 1)
     state, _ = time_steps(step_fn, state, batches, mesh, 1, 1)  # The state's own structure.

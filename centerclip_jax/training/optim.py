@@ -184,6 +184,14 @@ def param_groups(params: PyTree, *, pretrained_prefix: str = "clip", freeze_laye
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trainable_mask(params: PyTree, *, freeze_layer_num: int = -1,
+                   pretrained_prefix: str = "clip") -> PyTree:
+  """Tree of bools, one per param leaf: False for the params `freeze_layer_num` freezes."""
+  labels = param_groups(params, pretrained_prefix=pretrained_prefix,
+                        freeze_layer_num=freeze_layer_num)
+  return jax.tree.map(lambda label: label != FROZEN, labels)
+
+
 # ----------------------------------------------------------------------------- transforms
 
 

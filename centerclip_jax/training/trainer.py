@@ -77,15 +77,24 @@ def initial_state(params, tx, rng) -> dict:
           "nonfinite": zero, "first_nonfinite": zero}
 
 
-def make_train_step(model, tx):
+def make_train_step(model, tx, trainable=None):
   """(state, batch) -> (state, metrics); state = {step, params, opt_state, rng, nonfinite,
   first_nonfinite}: `step` counts micro-steps; `nonfinite` the updates dropped for a
-  non-finite loss or gradient, `first_nonfinite` the micro-step of the first (0: none)."""
+  non-finite loss or gradient, `first_nonfinite` the micro-step of the first (0: none).
+
+  `trainable` (bools, the params' tree; `optim.trainable_mask`; None: all) marks the
+  params that get gradients. Frozen ones get none, as `requires_grad=False` in PyTorch: no
+  backward for them (conv1's weight gradient and the token-embedding scatter are never
+  computed, nor their inputs kept), and `grad_norm` is that of the trainable params, the
+  norm `clip_grad_norm_` clips and returns."""
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state["rng"])
 
     def loss_fn(params):
+      if trainable is not None:
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p),
+                              params, trainable)
       video, text, logit_scale = model.apply(
           {"params": params}, batch["frames"], batch["frame_mask"], batch["text"],
           train=True, rngs={"cluster": step_rng})
@@ -299,7 +308,8 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
   train_iter = parallel.prefetch_to_mesh(host_batches, mesh,
                                          size=config.data.get("device_prefetch", 2))
   rep, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  step_fn = jax.jit(make_train_step(model, tx), in_shardings=(rep, shard),
+  trainable = optim.trainable_mask(params, freeze_layer_num=t.freeze_layer_num)
+  step_fn = jax.jit(make_train_step(model, tx, trainable), in_shardings=(rep, shard),
                     out_shardings=(rep, rep), donate_argnums=(0,))
   preemption = checkpoints_lib.PreemptionWatch()
   nonfinite = NonFiniteCheck(t.skip_nonfinite, ckpt, accum=t.grad_accum_steps)
