@@ -5,10 +5,14 @@ Needs apache-beam (requirements-beam.txt, part of requirements-dev.txt).
 
 from __future__ import annotations
 
+import json
+import tempfile
+
 import apache_beam  # noqa: F401  (fails here, not mid-build, without requirements-beam.txt)
 import pytest
 import tensorflow_datasets as tfds
 
+from centerclip_jax import paths
 from centerclip_jax.data import datasets
 from centerclip_jax.data.datasets import common
 from tests import video_fixtures as vf
@@ -28,23 +32,37 @@ def _examples(builder, decode: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def two_builds(tmp_path_factory, gcs):
-  """Miniature MSR-VTT (one corrupt video, one missing) built by the process pool into a
-  local folder and by Beam's DirectRunner into the GCS emulator's bucket."""
+  """Miniature MSR-VTT (one corrupt video, one missing) built by the process pool from
+  local files into a local folder, and by Beam's DirectRunner from the same files in the
+  GCS emulator's bucket into the bucket, as Dataflow workers would (nothing local)."""
   raw = tmp_path_factory.mktemp("raw") / "msrvtt"
   layout = vf.write_msrvtt_layout(raw)
+  remote_raw = gcs.url("raw/msrvtt")
+  paths.copytree(paths.user_path(raw), paths.user_path(remote_raw))
+  scratch = tmp_path_factory.mktemp("scratch")
   tool, out = _tool(), {}
-  for name, data_dir, extra in [
-      ("pool", str(tmp_path_factory.mktemp("pool")), ["--num_workers", "2"]),
-      ("beam", gcs.url("beam_build"), ["--beam_runner", "DirectRunner",
-                                       "--beam_pipeline_options", "direct_num_workers=1"])]:
-    assert tool.main(["msrvtt", "--manual_dir", str(raw), "--data_dir", data_dir,
-                      "--short_side", "32", *extra]) == 0
+  for name, manual_dir, data_dir, extra in [
+      ("pool", str(raw), str(tmp_path_factory.mktemp("pool")), ["--num_workers", "2"]),
+      ("beam", remote_raw, gcs.url("beam_build"),
+       ["--beam_runner", "DirectRunner", "--beam_pipeline_options", "direct_num_workers=1"])]:
+    saved, tempfile.tempdir = tempfile.tempdir, str(scratch)  # this process's $TMPDIR
+    try:
+      assert tool.main(["msrvtt", "--manual_dir", manual_dir, "--data_dir", data_dir,
+                        "--short_side", "32", *extra]) == 0
+    finally:
+      tempfile.tempdir = saved
     out[name] = datasets.BUILDERS["msrvtt"](data_dir=data_dir, config=CONFIG)
-  return layout, out["pool"], out["beam"]
+  left = [p for p in scratch.rglob("*") if p.is_file()]
+  return layout, out["pool"], out["beam"], (str(raw), remote_raw), left
+
+
+def test_beam_from_the_bucket_leaves_no_local_copy(two_builds):
+  *_, left = two_builds
+  assert left == []  # each worker's copy of its video is removed once decoded
 
 
 def test_beam_writes_the_same_examples(two_builds):
-  layout, pool, beam = two_builds
+  layout, pool, beam, *_ = two_builds
   pool_jpegs, beam_jpegs = _examples(pool, decode=False), _examples(beam, decode=False)
   beam_examples = _examples(beam)
   nonempty = {s for s, examples in layout.expected.items() if examples}
@@ -67,13 +85,22 @@ def test_beam_writes_the_same_examples(two_builds):
 
 
 def test_beam_writes_the_same_report(two_builds):
-  _, pool, beam = two_builds
+  """The same report, naming the bucket's paths where the pool's names the local ones."""
+  _, pool, beam, (local_raw, remote_raw), _ = two_builds
+  as_local = lambda x: json.loads(json.dumps(x).replace(remote_raw, local_raw))
+  assert beam.info.metadata["manual_dir"] == remote_raw
+  assert pool.info.metadata["manual_dir"] == local_raw
   for key in ("listed", "skipped", "short", "empty_splits"):
-    assert beam.info.metadata[key] == pool.info.metadata[key], key
+    assert as_local(beam.info.metadata[key]) == pool.info.metadata[key], key
+  undecodable = beam.info.metadata["skipped"]["train_9k"][0]
+  assert undecodable["path"].startswith(remote_raw + "/")
+  assert undecodable["reason"].startswith(f"undecodable: {undecodable['path']}: ")
   assert beam.info.metadata["decode"]["runner"] == "DirectRunner"
   assert beam.info.metadata["decode"]["videos"] == pool.info.metadata["decode"]["videos"] == 5
   pool_report = pool.report_path().read_text()
-  assert beam.report_path().read_text() == pool_report
+  beam_report = beam.report_path().read_text()
+  assert remote_raw in beam_report and local_raw not in beam_report
+  assert beam_report.replace(remote_raw, local_raw) == pool_report
   # listed, written, missing, undecodable, short
   assert _row(pool_report, "train_9k") == [4, 3, 0, 1, 0]
   assert _row(pool_report, "test_1k") == [3, 2, 1, 0, 0]

@@ -22,10 +22,11 @@ path; `pip install -r requirements-beam.txt`): the same examples and report.
 `--verify` reads every example of a built dataset, decodes every frame and
 lists the bad ones (exit status 1 if any).
 
-Both folders may be in a bucket (`gs://...`). A bucket --manual_dir is read
-through a local copy of what the build needs (every file that is not a video,
-i.e. the annotations, then only the videos the annotations name), in $TMPDIR,
-removed when the build ends; the reports name the bucket paths.
+Both folders may be in a bucket (`gs://...`). From a bucket --manual_dir the
+annotations are read in place, and each named video is copied to $TMPDIR by the
+process (pool worker or Beam worker) that decodes it, and removed once decoded:
+local disk holds one video per worker, never the dataset, and a Beam runner's
+workers (Dataflow) need nothing but the bucket. The reports name bucket paths.
 
 TFDS CLI alternative (default config fps3_224, all cores, cache kept):
 
@@ -39,9 +40,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 # Only light imports at module level: decode workers are spawned and re-import this file.
 
@@ -114,53 +113,17 @@ def _check_args(args) -> str | None:
       return "--beam_runner needs Apache Beam: pip install -r requirements-beam.txt"
   if not args.manual_dir:
     return "--manual_dir is required (the folder with the downloaded annotations and videos)"
-  if "://" not in args.manual_dir and not os.path.isdir(args.manual_dir):  # gs:// read by TF
+  if "://" not in args.manual_dir and not os.path.isdir(args.manual_dir):
     return f"--manual_dir {args.manual_dir} is not a folder"
   return None
 
 
-def _copy_tree(remote, local: Path, keep) -> int:
-  """Copies the files under `remote` (an epath) for which keep(relative, name) holds;
-  returns how many."""
-  copied = 0
-  for child in sorted(remote.iterdir(), key=lambda c: c.name):
-    if child.is_dir():
-      copied += _copy_tree(child, local / child.name, keep)
-    elif keep(child):
-      local.mkdir(parents=True, exist_ok=True)
-      child.copy(local / child.name, overwrite=True)
-      copied += 1
-  return copied
-
-
-def _stage_manual_dir(uri: str, builder, local: Path) -> Path:
-  """A local copy of what the build reads from the bucket folder `uri` (see the doc)."""
+def _check_bucket_dir(uri: str) -> str | None:
+  """The one-line problem with a bucket --manual_dir (checked once TF can reach it)."""
   from centerclip_jax import paths  # pylint: disable=g-import-not-at-top
-  from centerclip_jax.data.datasets import common  # pylint: disable=g-import-not-at-top
-  remote = paths.user_path(uri)
-  if not remote.is_dir():
-    raise FileNotFoundError(f"--manual_dir {uri}: no such folder in the bucket")
-
-  def is_video(p) -> bool:
-    return p.name.lower().endswith(common.VIDEO_EXTENSIONS)
-
-  _copy_tree(remote, local, lambda p: not is_video(p))  # annotations (and other small files)
-  wanted = {c for jobs in builder.read_annotations(local).values() for job in jobs
-            for c in job.candidates}
-  videos = _copy_tree(remote, local, lambda p: is_video(p) and (
-      p.name in wanted or os.path.splitext(p.name)[0] in wanted))
-  print(f"--manual_dir {uri}: copied the annotations and {videos} named videos to {local}")
-  return local
-
-
-def _name_bucket_paths(builder, local: Path, uri: str) -> None:
-  """After a build from a staged --manual_dir: metadata and report name `uri`, not the
-  temporary copy."""
-  text = json.dumps(dict(builder.info.metadata)).replace(os.fspath(local), uri.rstrip("/"))
-  builder.info.metadata.clear()
-  builder.info.metadata.update(json.loads(text))
-  builder.info.metadata.save_metadata(builder.data_path)
-  builder._post_download_and_prepare_hook()  # pylint: disable=protected-access  # the report
+  if not paths.user_path(uri).is_dir():
+    return f"--manual_dir {uri}: no such folder in the bucket"
+  return None
 
 
 def _beam_config(args) -> dict:
@@ -218,27 +181,18 @@ def main(argv=None) -> int:
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   existed = builder.data_path.exists() and not args.overwrite
   start = time.perf_counter()
-  stage = None
   try:
-    manual_dir = args.manual_dir
-    if "://" in manual_dir and not existed:  # a bucket: a local copy of what is needed
-      stage = tempfile.TemporaryDirectory(prefix="centerclip-manual-")
-      manual_dir = os.fspath(_stage_manual_dir(args.manual_dir, builder,
-                                               Path(stage.name) / "manual"))
-    if not existed:  # Bad annotations are reported before TFDS starts.
-      builder.read_annotations(manual_dir)
+    if not existed:
+      if "://" in args.manual_dir and (problem := _check_bucket_dir(args.manual_dir)):
+        return _fail(problem)
+      builder.read_annotations(args.manual_dir)  # Bad annotations reported before TFDS starts.
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode, try_download_gcs=False,
+        manual_dir=args.manual_dir, download_mode=mode, try_download_gcs=False,
         **_beam_config(args)))
-    if stage is not None:
-      _name_bucket_paths(builder, Path(manual_dir), args.manual_dir)
   except (ValueError, OSError) as e:  # Bad annotations or layout, an unwritable data_dir.
     if isinstance(e, OSError) and e.filename:
       return _fail(f"{e.filename}: {e.strerror or e}")
     return _fail(str(e).replace("\n", "\n  "))
-  finally:
-    if stage is not None:
-      stage.cleanup()
   seconds = time.perf_counter() - start
 
   print(f"\n{builder.name}/{builder.builder_config.name} in {builder.data_dir}")

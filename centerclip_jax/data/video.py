@@ -8,11 +8,13 @@ imported here, so that worker processes stay light.
 * `decode_video` / `iter_frames`: frames at `fps` (the frame nearest each 1/fps tick),
   shorter side resized (bicubic), optionally a [start, end) window.
 * `encode_video_jpeg`: decode + JPEG-encode, with an on-disk cache; the unit of work that
-  the dataset builders hand to a process pool.
+  the dataset builders hand to a process pool or a Beam worker. A video in a bucket
+  (`gs://...`) is read through a temporary local copy of that one file, removed after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -269,11 +271,41 @@ class JpegRequest:
   return_frames: bool = True  # False: only store in cache_dir, return counts.
 
   def cache_key(self) -> str:
-    st = os.stat(self.path)
+    if _is_uri(self.path):
+      st = _bucket_path(self.path).stat()
+      where, mtime, size = self.path, st.mtime, st.length
+    else:
+      st = os.stat(self.path)
+      where, mtime, size = os.path.abspath(self.path), st.st_mtime_ns, st.st_size
     text = "|".join(str(x) for x in (
-        _CACHE_FORMAT, os.path.abspath(self.path), st.st_mtime_ns, st.st_size,
+        _CACHE_FORMAT, where, mtime, size,
         self.fps, self.short_side, self.start_time, self.end_time, self.quality))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _is_uri(path: str) -> bool:
+  return "://" in path
+
+
+def _bucket_path(path: str):
+  from centerclip_jax import paths  # pylint: disable=g-import-not-at-top  # only for URIs
+  return paths.user_path(path)
+
+
+def _is_file(path: str) -> bool:
+  return _bucket_path(path).is_file() if _is_uri(path) else os.path.isfile(path)
+
+
+@contextlib.contextmanager
+def _readable(path: str) -> Iterator[str]:
+  """A local path holding the video: itself, or for a bucket a temporary copy of the one
+  file in $TMPDIR (removed when the block ends)."""
+  if not _is_uri(path):
+    yield path
+    return
+  from centerclip_jax import paths  # pylint: disable=g-import-not-at-top
+  with paths.local_copy(path) as local:
+    yield os.fspath(local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,17 +356,21 @@ def encode_video_jpeg(request: JpegRequest) -> JpegResult:
   interrupted dataset build restarts fast. Decode errors come back as
   `JpegResult.error` (decode failures are not cached).
   """
+  local = request.path
   try:
     file = None
-    if request.cache_dir and os.path.isfile(request.path):
+    if _is_uri(request.path) and not _is_file(request.path):
+      return JpegResult(error=f"{request.path}: video file not found")
+    if request.cache_dir and _is_file(request.path):
       file = os.path.join(request.cache_dir, request.cache_key() + ".npz")
       if os.path.exists(file):
         if (cached := _load_cache(file, request.return_frames)) is not None:
           return cached
-    jpegs = tuple(encode_jpeg(f, request.quality) for f in iter_frames(
-        request.path, fps=request.fps, short_side=request.short_side,
-        start_time=request.start_time, end_time=request.end_time))
-    fps = _output_fps(request.path, request.fps)
+    with _readable(request.path) as local:
+      jpegs = tuple(encode_jpeg(f, request.quality) for f in iter_frames(
+          local, fps=request.fps, short_side=request.short_side,
+          start_time=request.start_time, end_time=request.end_time))
+      fps = _output_fps(local, request.fps)
     result = JpegResult(jpegs, fps, num_frames=len(jpegs))
     if file is not None:
       os.makedirs(request.cache_dir, exist_ok=True)
@@ -345,4 +381,4 @@ def encode_video_jpeg(request: JpegRequest) -> JpegResult:
   except Exception as e:  # Report, never crash a pool worker.
     msg = str(e) if isinstance(e, VideoDecodeError) else (
         f"{request.path}: {type(e).__name__}: {e}")
-    return JpegResult(error=msg)
+    return JpegResult(error=msg.replace(local, request.path))  # a bucket's, not the copy's

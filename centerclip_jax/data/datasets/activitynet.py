@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from etils import epath
+
 from centerclip_jax.data.datasets import common
 
 _FILES = {"train": "train.json", "val_1": "val_1.json"}
@@ -12,7 +14,7 @@ _FILES = {"train": "train.json", "val_1": "val_1.json"}
 
 def read_json(file: Path):
   try:
-    return json.loads(Path(file).read_text())
+    return json.loads(epath.Path(file).read_text())
   except json.JSONDecodeError as e:
     raise common.AnnotationError(f"{file}, line {e.lineno}: invalid JSON ({e.msg})") from e
 

@@ -14,7 +14,8 @@ A build whose download config names a Beam runner or pipeline options
     build report with `VideoTextBuilder.sort_out`, the pool build's code.
 
 Needs `apache-beam` (requirements-beam.txt). The videos and the data_dir must
-be readable and writable by every worker (a bucket on a distributed runner).
+be readable and writable by every worker: on a distributed runner a bucket, from
+which each worker copies the one video it decodes (`video.encode_video_jpeg`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 
 from centerclip_jax.data import video
 from centerclip_jax.data.datasets import report
@@ -71,19 +72,30 @@ def config_name(fps: float, short_side: int) -> str:
   return f"fps{fps:g}_{short_side}".replace(".", "p")
 
 
+def _walk(root: str | os.PathLike) -> Iterable[tuple[str, str]]:
+  """(folder, file name) of every file under root, folders in sorted order; a bucket
+  folder (`gs://...`) through epath."""
+  if "://" in os.fspath(root):
+    found = [(os.fspath(folder), name) for folder, _, files in epath.Path(root).walk()
+             for name in files]
+    yield from sorted(found, key=lambda f: (f[0].rstrip("/").split("/"), f[1]))
+    return
+  for folder, dirs, files in os.walk(root, followlinks=True):
+    dirs.sort()
+    for name in sorted(files):
+      yield folder, name
+
+
 class VideoIndex:
-  """Every video file under a folder, found by file name or by stem."""
+  """Every video file under a folder (local or in a bucket), by file name or by stem."""
 
   def __init__(self, root: str | os.PathLike):
     self.by_name: dict[str, str] = {}
     self.by_stem: dict[str, str] = {}
     self.duplicates = 0
-    for folder, dirs, files in os.walk(root, followlinks=True):
-      dirs.sort()
-      for name in sorted(files):
-        if not name.lower().endswith(VIDEO_EXTENSIONS):
-          continue
-        path = os.path.join(folder, name)
+    for folder, name in _walk(root):
+      if name.lower().endswith(VIDEO_EXTENSIONS):
+        path = folder.rstrip("/") + "/" + name if "://" in folder else os.path.join(folder, name)
         if name in self.by_name:
           self.duplicates += 1
           continue
@@ -106,6 +118,11 @@ class VideoIndex:
 
   def __len__(self) -> int:
     return len(self.by_name)
+
+
+def read_text(file) -> str:
+  """A text annotation file, local or in a bucket, as UTF-8 with its line ends kept."""
+  return epath.Path(file).read_bytes().decode("utf-8")
 
 
 def find_annotation(manual_dir: Path, name: str, max_depth: int = 2) -> Path:
@@ -157,7 +174,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     Raises AnnotationError or FileNotFoundError naming the file; call it before
     `download_and_prepare` to report a bad layout before TFDS starts.
     """
-    manual_dir = Path(manual_dir)
+    manual_dir = epath.Path(manual_dir)
     if self._annotations is None or self._annotations[0] != manual_dir:
       splits = self._read_splits(manual_dir)
       for name, jobs in splits.items():
@@ -198,7 +215,7 @@ class VideoTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def plan(self, dl_manager):
     """Annotations and video files: (splits, {(split, id): path or None},
     [((path, start, end), job)] one per distinct video to decode, sorted)."""
-    manual_dir = Path(dl_manager.manual_dir)
+    manual_dir = epath.Path(dl_manager.manual_dir)
     splits = self.read_annotations(manual_dir)  # Fails fast on bad annotations.
     index = VideoIndex(manual_dir)
     log.info("%s: %d video files under %s", self.name, len(index), manual_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from centerclip_jax.data.datasets import common
@@ -17,7 +18,7 @@ def read_annotations(file: Path) -> dict[str, list[str]]:
   END_EXTRACTED, SENTENCE, tab-separated; a clip id may occur on several lines.
   """
   captions: dict[str, list[str]] = {}
-  with open(file, encoding="utf-8") as f:
+  with io.StringIO(common.read_text(file), newline=None) as f:
     for line_no, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if not line.strip():

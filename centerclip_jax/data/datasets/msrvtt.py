@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
+
+from etils import epath
 
 from centerclip_jax.data.datasets import common
 
@@ -16,7 +19,7 @@ _TEST = "MSRVTT_JSFUSION_test.csv"
 def read_captions(file: Path) -> dict[str, list[str]]:
   """MSRVTT_data.json -> {video_id: [caption, ...]} in file order."""
   try:
-    data = json.loads(Path(file).read_text())
+    data = json.loads(epath.Path(file).read_text())
   except json.JSONDecodeError as e:
     raise common.AnnotationError(f"{file}, line {e.lineno}: invalid JSON ({e.msg})") from e
   common.check(isinstance(data, dict) and isinstance(data.get("sentences"), list),
@@ -32,7 +35,7 @@ def read_captions(file: Path) -> dict[str, list[str]]:
 
 def read_video_ids(file: Path) -> list[str]:
   """A split csv with a `video_id` column -> video ids in file order."""
-  with open(file, newline="") as f:
+  with io.StringIO(common.read_text(file), newline="") as f:
     reader = csv.DictReader(f)
     common.check(reader.fieldnames is not None and "video_id" in reader.fieldnames,
                  file, "line 1", f"no 'video_id' column in header {reader.fieldnames}")
@@ -49,7 +52,7 @@ def read_jsfusion(file: Path) -> list[tuple[str, str]]:
   Unquoted commas inside the sentence are kept (the sentence is the last column).
   """
   pairs = []
-  with open(file, newline="") as f:
+  with io.StringIO(common.read_text(file), newline="") as f:
     rows = csv.reader(f)
     header = next(rows, None)
     common.check(header is not None and header[:4] == ["key", "vid_key", "video_id", "sentence"],

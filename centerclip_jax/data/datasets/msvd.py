@@ -6,6 +6,8 @@ import io
 import pickle
 from pathlib import Path
 
+from etils import epath
+
 from centerclip_jax.data.datasets import common
 
 _CAPTIONS = "raw-captions.pkl"
@@ -32,7 +34,7 @@ def read_raw_captions(file: Path) -> dict[str, list[str]]:
   cannot run code; captions are the tokens joined with spaces.
   """
   try:
-    data = _RestrictedUnpickler(io.BytesIO(Path(file).read_bytes())).load()
+    data = _RestrictedUnpickler(io.BytesIO(epath.Path(file).read_bytes())).load()
   except Exception as e:
     raise common.AnnotationError(
         f"{file}: not a plain pickle of dict/list/str ({type(e).__name__}: {e})") from e
@@ -47,7 +49,7 @@ def read_raw_captions(file: Path) -> dict[str, list[str]]:
 
 
 def read_list(file: Path) -> list[str]:
-  return [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+  return [line.strip() for line in epath.Path(file).read_text().splitlines() if line.strip()]
 
 
 class Msvd(common.VideoTextBuilder):
