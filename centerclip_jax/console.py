@@ -27,6 +27,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STATE = {"file_handler": None}
 
 
+def quiet_tensorflow(env=os.environ) -> None:
+  """Keeps TensorFlow's native INFO lines off the console; call before TF is imported.
+
+  `TF_CPP_MIN_LOG_LEVEL` filters TF's own logger. TF >= 2.21 also prints a oneDNN notice
+  through absl's C++ logger, which that variable does not reach, so oneDNN's custom ops
+  are turned off too (TF here only decodes and resizes frames and reads records).
+  Values the user set are kept."""
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  env.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
 class UsageError(Exception):
   """Bad user input: the program prints `error: <message>` (one line) and exits 2."""
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

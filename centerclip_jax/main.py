@@ -9,9 +9,8 @@ to the console too with `--verbosity=1`. Bad input ends with one `error:` line (
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -17,10 +17,10 @@ cluster means, not patches: those are listed, not drawn. Logs go to `OUTPUT/log.
 from __future__ import annotations
 
 import colorsys
-import os
 import pathlib
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -35,7 +35,8 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ import json
 import os
 import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

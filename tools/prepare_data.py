@@ -161,7 +161,8 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if problem := _check_args(args):
     return _fail(problem)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+  console.quiet_tensorflow()
   from centerclip_jax.data import datasets  # pylint: disable=g-import-not-at-top
   if args.dataset not in datasets.BUILDERS:
     return _fail(f"unknown dataset {args.dataset!r}; choose one of "

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from centerclip_jax import console  # pylint: disable=g-import-not-at-top
+console.quiet_tensorflow()
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np

@@ -9,6 +9,10 @@ r"""Text-to-video search over your own video folder.
 `query.Searcher` scores text queries against the index. See the two modules.
 """
 
+from centerclip_jax import console
+
+console.quiet_tensorflow()  # `python -m centerclip_jax.search` imports TF here, before __main__
+
 from centerclip_jax.search.index import SearchIndexError
 from centerclip_jax.search.index import build_index
 from centerclip_jax.search.index import load_index
