@@ -5,8 +5,8 @@ r"""Draw which patch tokens CenterCLIP's clustering keeps, like the paper's figu
 
 (`tools/visualize_clusters.py` is the same program.) For every clustering step and every
 segment of the video it writes `step<i>_segment<s>.png`: the segment's frames side by side
-(the model's input frames after preprocessing, un-normalised back to RGB, each upscaled
-`--scale` times), every patch the step clusters tinted by its cluster's colour (K distinct
+(the model's uint8 input frames after resizing and cropping, each upscaled `--scale`
+times), every patch the step clusters tinted by its cluster's colour (K distinct
 colours, alpha-blended), each medoid patch outlined by a white rectangle; patches that an
 earlier step already dropped are darkened. It also prints the kept medoids (frame, patch
 row and column). The medoids come from `centerclip_jax.inference.clusters`, i.e. from the
@@ -34,7 +34,6 @@ from centerclip_jax import console
 from centerclip_jax import paths
 from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax.inference import encoder as encode
-from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.weights import loading
 
 OUTLINE = (255, 255, 255)
@@ -51,13 +50,6 @@ def palette(k: int) -> np.ndarray:
     val = (0.95, 0.7)[i % 2] if k > 12 else 0.95
     out.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)])
   return np.asarray(out, np.uint8).reshape(k, 3)
-
-
-def unnormalize(frames: np.ndarray) -> np.ndarray:
-  """CLIP-normalised float frames `[..., H, W, 3]` -> uint8 RGB."""
-  mean = np.asarray(frame_lib.CLIP_MEAN, np.float32)
-  std = np.asarray(frame_lib.CLIP_STD, np.float32)
-  return np.clip(np.round((frames * std + mean) * 255.0), 0, 255).astype(np.uint8)
 
 
 def outline_width(patch_size: int, scale: int) -> int:
@@ -127,7 +119,7 @@ def visualize(config, video: str, output: str, *, fps: float = 3.0, scale: int =
                                        max_frames=model.max_frames, resolution=res,
                                        jpeg_quality=config.data.jpeg_quality)
   steps = cluster_inspect.cluster_medoids(model, params, frames[None], mask[None])
-  rgb = unnormalize(frames)
+  rgb = np.asarray(frames)  # uint8 [max_frames, res, res, 3]: what the model saw
   out_dir = paths.user_path(output)  # local or gs://
   out_dir.mkdir(parents=True, exist_ok=True)
   grid = cfg.grid_size

@@ -60,20 +60,15 @@ def sample_frame_indices(
   return (starts + offsets).astype(np.int32), mask
 
 
-def preprocess_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
-  """CLIP preprocessing of uint8 frames [T, H, W, 3] -> float32 [T, res, res, 3].
-
-  Shorter side to `resolution` (PIL bicubic, longer side floored), centre crop
-  (offsets rounded as torchvision's CenterCrop), scale to [0, 1], normalise with
-  CLIP_MEAN / CLIP_STD.
-  """
+def resize_and_crop_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
+  """uint8 frames [T, H, W, 3] -> uint8 [T, res, res, 3]: shorter side to `resolution`
+  (PIL bicubic, longer side floored), centre crop (offsets rounded as torchvision's
+  CenterCrop)."""
   frames = np.asarray(frames)
   if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
     raise ValueError(
         f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-  out = np.empty([frames.shape[0], resolution, resolution, 3], np.float32)
-  mean = np.asarray(CLIP_MEAN, np.float32)
-  std = np.asarray(CLIP_STD, np.float32)
+  out = np.empty([frames.shape[0], resolution, resolution, 3], np.uint8)
   for t, frame in enumerate(frames):
     h, w = frame.shape[:2]
     nh, nw = _resized_shape(h, w, resolution)
@@ -81,8 +76,20 @@ def preprocess_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
       frame = np.asarray(Image.fromarray(frame).resize((nw, nh), Image.BICUBIC))
     top = int(round((nh - resolution) / 2.0))
     left = int(round((nw - resolution) / 2.0))
-    crop = frame[top:top + resolution, left:left + resolution]
-    out[t] = (crop.astype(np.float32) / 255.0 - mean) / std
+    out[t] = frame[top:top + resolution, left:left + resolution]
   return out
 
 
+def normalize_frames(frames: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, computed in float64."""
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8:
+    raise ValueError(f"frames must be uint8, got {frames.dtype}")
+  x = frames.astype(np.float64) / 255.0
+  return ((x - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)).astype(np.float32)
+
+
+def preprocess_frames(frames: np.ndarray, resolution: int = 224) -> np.ndarray:
+  """CLIP preprocessing of uint8 frames [T, H, W, 3] -> float32 [T, res, res, 3]:
+  `resize_and_crop_frames`, then `normalize_frames`."""
+  return normalize_frames(resize_and_crop_frames(frames, resolution))

@@ -34,7 +34,7 @@ def tiny_model(**overrides):
 
 def inputs(batch=2, frames=6, res=32, seed=0):
   rng = np.random.default_rng(seed)
-  f = jnp.asarray(rng.standard_normal((batch, frames, res, res, 3)), jnp.float32)
+  f = jnp.asarray(rng.integers(0, 256, (batch, frames, res, res, 3), np.uint8))
   mask = jnp.ones((batch, frames), bool)
   text = jnp.asarray(rng.integers(1, 90, (batch, 8)), jnp.int32).at[:, 5].set(99)
   return f, mask, text
@@ -57,7 +57,8 @@ def test_no_clustering_equals_clip_frame_features_mean(clip_params):
   mask = mask.at[1, 4:].set(False)
   video = model.apply({"params": params}, f, mask, method=model.encode_video)
   clip_model = clip_lib.CLIP(TINY)
-  frame_feats = np.asarray(clip_model.apply({"params": params["clip"]}, f,
+  frame_feats = np.asarray(clip_model.apply({"params": params["clip"]},
+                                            clip_lib.normalize_pixels(f),
                                             method=clip_model.encode_image), np.float64)
   frame_feats /= np.linalg.norm(frame_feats, axis=-1, keepdims=True)
   m = np.asarray(mask, np.float64)[..., None]
@@ -68,6 +69,28 @@ def test_no_clustering_equals_clip_frame_features_mean(clip_params):
   ref = np.asarray(clip_model.apply({"params": params["clip"]}, text, method=clip_model.encode_text))
   np.testing.assert_allclose(np.asarray(txt), ref / np.linalg.norm(ref, axis=-1, keepdims=True),
                              atol=1e-5)
+
+
+def test_normalize_pixels_is_clip_mean_std_of_uint8():
+  """Every uint8 level of every channel -> (x / 255 - mean) / std within 1e-6."""
+  levels = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None], (256, 3))
+  got = np.asarray(clip_lib.normalize_pixels(jnp.asarray(levels)))
+  expected = (levels / 255.0 - np.asarray(clip_lib.CLIP_MEAN)) / np.asarray(clip_lib.CLIP_STD)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+  assert got[0, 0] < -1.79 and got[255, 2] > 2.14  # not the identity, not [0, 1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int32])
+def test_video_path_refuses_frames_that_are_not_uint8(dtype):
+  """One clear error at trace time instead of normalising normalised frames again."""
+  model = tiny_model()
+  f, mask, _ = inputs()
+  params = jax.eval_shape(lambda: centerclip.init_params(model, jax.random.PRNGKey(0)))
+  with pytest.raises(ValueError, match=r"frames must be uint8 pixels.*got "
+                     + np.dtype(dtype).name):
+    jax.eval_shape(lambda p: model.apply({"params": p}, f.astype(dtype), mask,
+                                         method=model.encode_video), params)
 
 
 def test_clustering_changes_the_embedding(clip_params):
@@ -138,7 +161,8 @@ def test_vit_b32_video_tower_with_clustering(dtype):
   params = jax.tree_util.tree_map_with_path(
       lambda path, p: p + 0.01 * jax.random.normal(
           jax.random.PRNGKey(hash(jax.tree_util.keystr(path)) % 2**31), p.shape), params)
-  frames = jax.random.normal(jax.random.PRNGKey(1), (1, 12, 224, 224, 3))
+  frames = jax.random.randint(jax.random.PRNGKey(1), (1, 12, 224, 224, 3), 0, 256
+                              ).astype(jnp.uint8)
   mask = jnp.ones((1, 12), bool)
   feats, seg_mask = jax.jit(lambda p, f, m_: model.apply({"params": p}, f, m_,
                                                       method=model.segment_features))(

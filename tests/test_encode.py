@@ -76,7 +76,8 @@ def test_encode_videos_npy_and_captions(setup):
 def test_short_video_repeats_last_frame_and_masks():
   frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
   x, mask = encode.video_inputs(frames, 4, 4)
-  assert x.shape == (4, 4, 4, 3) and mask.tolist() == [True, True, False, False]
+  assert x.shape == (4, 4, 4, 3) and x.dtype == np.uint8
+  assert mask.tolist() == [True, True, False, False]
   np.testing.assert_array_equal(x[1], x[3])
 
 

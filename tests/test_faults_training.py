@@ -266,14 +266,15 @@ def test_nonfinite_update_is_dropped_and_counted_in_the_step():
 
 
 def _poison_batch(monkeypatch, index):
-  """Makes the `index`-th training batch of a fresh run all NaN frames."""
+  """Makes the `index`-th training batch of a fresh run non-finite: every frame masked out
+  (frames are uint8, so no NaN pixel; meanP of no frame is 0 / 0)."""
   from centerclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   orig = pipeline.train_dataset
 
   def poisoned(*args, **kwargs):
     for i, b in enumerate(orig(*args, **kwargs)):
       if i + kwargs.get("start_step", 0) == index:
-        b = dict(b, frames=np.full_like(b["frames"], np.nan))
+        b = dict(b, frame_mask=np.zeros_like(b["frame_mask"]))
       yield b
 
   monkeypatch.setattr(pipeline, "train_dataset", poisoned)

@@ -35,7 +35,12 @@ from tests import video_fixtures as vf
 
 MEAN = np.asarray(ref.CLIP_MEAN)
 STD = np.asarray(ref.CLIP_STD)
-LEVEL = 1.0 / 255.0 / STD.min() + 1e-5  # One uint8 step after normalisation.
+
+
+def _levels(a, b) -> np.ndarray:
+  """|a - b| of two uint8 arrays, in uint8 levels (int)."""
+  assert a.dtype == b.dtype == np.uint8, (a.dtype, b.dtype)
+  return np.abs(a.astype(np.int32) - b.astype(np.int32))
 TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
                            vision_patch_size=8, context_length=77, vocab_size=49408,
                            transformer_width=64, transformer_heads=1, transformer_layers=1)
@@ -64,34 +69,34 @@ def test_eval_indices_follow_the_reference_float_formula():
     frame_lib.eval_frame_indices(0, 12)
 
 
-def test_crop_and_normalise_by_hand():
+def test_crop_by_hand_and_the_model_normalises():
   frames = (np.arange(2 * 4 * 8 * 3) % 251).astype(np.uint8).reshape(2, 4, 8, 3)
-  out = frame_lib.preprocess(tf.constant(frames), 4).numpy()  # Short side already 4.
-  assert out.shape == (2, 4, 4, 3) and out.dtype == np.float32
-  crop = frames[:, :, 2:6].astype(np.float64)  # left = round((8 - 4) / 2) = 2.
-  np.testing.assert_allclose(out, (crop / 255 - MEAN) / STD, atol=1e-5)
+  out = frame_lib.resize_and_crop(tf.constant(frames), 4).numpy()  # Short side already 4.
+  assert out.shape == (2, 4, 4, 3) and out.dtype == np.uint8
+  crop = frames[:, :, 2:6]  # left = round((8 - 4) / 2) = 2.
+  np.testing.assert_array_equal(out, crop)
+  np.testing.assert_allclose(clip_lib.normalize_pixels(out),
+                             (crop.astype(np.float64) / 255 - MEAN) / STD, rtol=0, atol=1e-6)
   odd = np.zeros([1, 4, 7, 3], np.uint8)
   odd[0, :, 2] = 255  # Column 2 is the first of the crop (round(1.5) = 2).
-  out = frame_lib.preprocess(tf.constant(odd), 4).numpy()
-  np.testing.assert_allclose(out[0, :, 0, 0], (1 - MEAN[0]) / STD[0], atol=1e-5)
-  np.testing.assert_allclose(out[0, :, 1, 0], (0 - MEAN[0]) / STD[0], atol=1e-5)
+  out = frame_lib.resize_and_crop(tf.constant(odd), 4).numpy()
+  np.testing.assert_array_equal(out[0, :, 0, 0], 255)
+  np.testing.assert_array_equal(out[0, :, 1:], 0)
 
 
 def test_resize_shorter_side_then_crop():
   flat = np.empty([1, 48, 64, 3], np.uint8)
   flat[...] = (200, 100, 50)
-  out = frame_lib.preprocess(tf.constant(flat), 32).numpy()
-  np.testing.assert_allclose(out, np.broadcast_to((np.array([200, 100, 50]) / 255 - MEAN) / STD,
-                                                  out.shape), atol=1e-5)
+  out = frame_lib.resize_and_crop(tf.constant(flat), 32).numpy()
+  np.testing.assert_array_equal(out, np.broadcast_to(np.uint8([200, 100, 50]), out.shape))
   ramp = np.broadcast_to(np.linspace(0, 255, 64).astype(np.uint8)[None, None, :, None],
                          [1, 48, 64, 3]).copy()
-  out = frame_lib.preprocess(tf.constant(ramp), 24).numpy()  # 24 x 32, crop columns 4..28.
+  out = frame_lib.resize_and_crop(tf.constant(ramp), 24).numpy()  # 24 x 32, crop cols 4..28.
   assert out.shape == (1, 24, 24, 3)
-  assert np.all(np.diff(out[0, 12, :, 0]) > 0)
+  assert np.all(np.diff(out[0, 12, :, 0].astype(np.int32)) > 0)
   # Output column 0 = resized column 4, centred on source x = 2 * 4.5 - 0.5 = 8.5, where
   # the ramp is 255 * 8.5 / 63 = 34.4.
-  first = (out[0, 12, 0, 0] * STD[0] + MEAN[0]) * 255
-  assert abs(first - 34.4) < 1.5
+  assert abs(int(out[0, 12, 0, 0]) - 34.4) < 1.5
 
 
 def test_model_inputs_sample_and_pad_like_the_pipeline():
@@ -100,12 +105,13 @@ def test_model_inputs_sample_and_pad_like_the_pipeline():
   x, mask = frame_lib.model_inputs(frames, 4, 32, jpeg_quality=0)  # No storing step.
   want_i, want_m = ref.sample_frame_indices(13, 4)
   np.testing.assert_array_equal(mask, want_m)
-  np.testing.assert_allclose(x, ref.preprocess_frames(frames[want_i], 32), atol=LEVEL + 1e-5)
+  assert x.dtype == np.uint8 and x.shape == (4, 32, 32, 3)
+  assert _levels(x, ref.resize_and_crop_frames(frames[want_i], 32)).max() <= 1
   # By default each sampled frame is stored as the datasets store it first (JPEG q95).
   x, mask = frame_lib.model_inputs(frames, 4, 32)
-  np.testing.assert_allclose(
-      x, ref.preprocess_frames(_jpeg_round_trip(frames[want_i]), 32), atol=LEVEL + 1e-5)
-  assert np.abs(x - ref.preprocess_frames(frames[want_i], 32)).max() > 10 * LEVEL
+  assert _levels(x, ref.resize_and_crop_frames(_jpeg_round_trip(frames[want_i]), 32)
+                 ).max() <= 1
+  assert _levels(x, ref.resize_and_crop_frames(frames[want_i], 32)).max() > 10
   x, mask = frame_lib.model_inputs(frames[:2], 4, 32)  # Short: the last frame repeated.
   assert mask.tolist() == [True, True, False, False]
   np.testing.assert_array_equal(x[1], x[3])
@@ -178,14 +184,18 @@ def test_model_inputs_equal_eval_inputs(same_file):
         resolution=TINY.image_resolution)
     np.testing.assert_array_equal(mask, eval_mask)
     assert clip.num_frames == {"video3": 12, "video2": 5}[vid] and not clip.truncated
-    # encode stores its frames as the datasets do: eval's inputs (same bytes, same ops).
-    np.testing.assert_allclose(frames, eval_frames, rtol=0, atol=1e-6)
+    # encode stores its frames as the datasets do: eval's inputs (same bytes, same ops),
+    # uint8 to the last level; the model's normalisation of them is CLIP's within 1e-6.
+    assert frames.dtype == eval_frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, eval_frames)
+    np.testing.assert_allclose(clip_lib.normalize_pixels(frames),
+                               ref.normalize_frames(eval_frames), rtol=0, atol=1e-6)
     # The storing step is the whole difference: skipped, the inputs differ by the JPEG
     # rounding (measured on the moving colour gradient: stored at 32 px, max 22 and mean
     # 5.0 uint8 levels; stored at 48 px and resized to 32, max 8 and mean 1.1) ...
     raw, _ = encoder.video_inputs(clip.frames, MAX_FRAMES, TINY.image_resolution,
                                   jpeg_quality=0)
-    levels = np.abs(raw - eval_frames) * STD * 255
+    levels = _levels(raw, eval_frames)
     bound = {32: (32, 6.0), 48: (12, 1.6)}[short_side]
     assert levels.max() <= bound[0] and levels.mean() < bound[1], (vid, levels.max(),
                                                                    levels.mean())
@@ -193,7 +203,7 @@ def test_model_inputs_equal_eval_inputs(same_file):
     # ... and an independent JPEG round trip of the raw frames gives eval's inputs again.
     stored, _ = encoder.video_inputs(_jpeg_round_trip(clip.frames), MAX_FRAMES,
                                      TINY.image_resolution, jpeg_quality=0)
-    np.testing.assert_allclose(stored, eval_frames, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(stored, eval_frames)
 
 
 def test_encode_embeddings_equal_eval_embeddings(same_file):

@@ -16,15 +16,22 @@ from centerclip_jax.data import pipeline
 from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.data.datasets import synthetic  # noqa: F401  (registers the builder)
 from centerclip_jax.data.tokenizer import get_tokenizer
+from centerclip_jax.models import clip as clip_lib
 from tests import frames_reference as ref
 
 MAX_FRAMES = 12
 MAX_WORDS = 32
 RES = 64  # = the tiny frame size: no resize, so frames can be compared almost exactly.
 # OpenAI CLIP's constants, written out here rather than taken from the code under test.
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-ONE_LEVEL = 1.0 / 255.0 / STD.min() + 1e-5  # One uint8 step after normalisation.
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
+STD = np.array([0.26862954, 0.26130258, 0.27577711])
+ONE_LEVEL = 1  # uint8 levels: the pipeline hands the model uint8 pixels.
+
+
+def _levels(a, b) -> np.ndarray:
+  """|a - b| of two uint8 arrays, in uint8 levels (int)."""
+  assert a.dtype == b.dtype == np.uint8, (a.dtype, b.dtype)
+  return np.abs(a.astype(np.int32) - b.astype(np.int32))
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +55,7 @@ def reference(builder):
       raw = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
                       for b in row["frames"]])
       captions = [c.decode() for c in row["captions"]]
-      videos.append({"frames": ref.preprocess_frames(raw, RES), "captions": captions,
+      videos.append({"frames": ref.resize_and_crop_frames(raw, RES), "captions": captions,
                      "tokens": tokenize(captions, MAX_WORDS)})
     out[split] = videos
   return out
@@ -126,11 +133,12 @@ def test_train_sampling_one_frame_per_segment():
 # ------------------------------------------------------------------------- preprocessing
 
 
-def test_normalisation_of_one_frame():
+def test_pipeline_keeps_pixels_and_the_model_normalises_them():
   frame = np.random.default_rng(0).integers(0, 256, [1, RES, RES, 3], dtype=np.uint8)
-  got = frame_lib.preprocess(tf.constant(frame), RES).numpy()
-  want = (frame.astype(np.float32) / 255.0 - MEAN) / STD
-  np.testing.assert_allclose(got, want, atol=1e-5)
+  got = frame_lib.resize_and_crop(tf.constant(frame), RES).numpy()
+  np.testing.assert_array_equal(got, frame)  # uint8 in, the same uint8 out
+  want = (frame / 255.0 - MEAN) / STD
+  np.testing.assert_allclose(clip_lib.normalize_pixels(got), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape, res", [((32, 45), 32), ((45, 32), 32), ((33, 48), 33),
@@ -141,13 +149,13 @@ def test_resize_and_crop_matches_video_preprocess(shape, res):
   coarse = rng.integers(0, 256, (2, shape[0] // 4 + 1, shape[1] // 4 + 1, 3), np.uint8)
   frames = np.stack([np.asarray(Image.fromarray(f).resize(shape[::-1], Image.BILINEAR))
                      for f in coarse])
-  got = frame_lib.preprocess(tf.constant(frames), res).numpy()
-  want = ref.preprocess_frames(frames, res)
+  got = frame_lib.resize_and_crop(tf.constant(frames), res).numpy()
+  want = ref.resize_and_crop_frames(frames, res)
   assert got.shape == want.shape == (2, res, res, 3)
   # Pure crops are exact; resizing may put a pixel one uint8 level from PIL's: rarely
   # when shrinking (PIL's two rounded passes are mirrored), often when enlarging.
-  np.testing.assert_allclose(got, want, atol=1e-5 if min(shape) == res else ONE_LEVEL)
-  off = np.mean(np.abs(got - want) > 1e-5)
+  assert _levels(got, want).max() <= (0 if min(shape) == res else ONE_LEVEL)
+  off = np.mean(_levels(got, want) > 0)
   assert off < (1e-6 if min(shape) == res else 0.02 if min(shape) > res else 0.3), off
 
 
@@ -167,7 +175,7 @@ def _assert_tsn_frames(batch, row, ref_frames, where):
     else:
       end = t if i == MAX_FRAMES - 1 else int(tick * (i + 1))
       candidates = range(int(tick * i), end)
-    err = min(np.abs(frames[i] - ref_frames[j]).max() for j in candidates)
+    err = min(_levels(frames[i], ref_frames[j]).max() for j in candidates)
     assert err <= ONE_LEVEL, (where, i, err)
 
 
@@ -176,7 +184,7 @@ def test_train_batches_shapes_sampling_and_captions(train_batches, reference):
   table = _video_of_tokens(videos)
   per_epoch = []
   for step, batch in enumerate(train_batches):
-    assert batch["frames"].dtype == np.float32
+    assert batch["frames"].dtype == np.uint8
     assert batch["frames"].shape == (4, MAX_FRAMES, RES, RES, 3)
     assert batch["frame_mask"].dtype == np.bool_ and batch["frame_mask"].shape == (4, MAX_FRAMES)
     assert batch["text"].dtype == np.int32 and batch["text"].shape == (4, MAX_WORDS)
@@ -350,11 +358,11 @@ def test_eval_single_host(eval_train_single, reference):
   np.testing.assert_array_equal(valid, [True] * 24 + [False])
   frames = np.concatenate([b["frames"] for b in video_batches])
   masks = np.concatenate([b["frame_mask"] for b in video_batches])
-  assert frames.shape == (25, MAX_FRAMES, RES, RES, 3) and frames.dtype == np.float32
+  assert frames.shape == (25, MAX_FRAMES, RES, RES, 3) and frames.dtype == np.uint8
   for v, item in enumerate(videos):
     indices, mask = ref.sample_frame_indices(len(item["frames"]), MAX_FRAMES, train=False)
     np.testing.assert_array_equal(masks[v], mask)
-    np.testing.assert_allclose(frames[v], item["frames"][indices], atol=ONE_LEVEL)
+    assert _levels(frames[v], item["frames"][indices]).max() <= ONE_LEVEL
   texts = np.concatenate([b["text"] for b in text_batches])
   text_index = np.concatenate([b["video_index"] for b in text_batches])
   text_valid = np.concatenate([b["valid"] for b in text_batches])

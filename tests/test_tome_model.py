@@ -70,7 +70,7 @@ def _model(tome_r=(), proportional=True):
 
 def _inputs():
   rng = np.random.default_rng(3)
-  frames = jnp.asarray(rng.normal(size=(2, 4, 16, 16, 3)).astype(np.float32))
+  frames = jnp.asarray(rng.integers(0, 256, (2, 4, 16, 16, 3), np.uint8))
   text = jnp.asarray(rng.integers(1, 90, (2, 8)).astype(np.int32))
   return frames, jnp.ones((2, 4), bool), text
 

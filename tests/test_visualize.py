@@ -18,7 +18,6 @@ from centerclip_jax.inference import clusters as cluster_inspect
 from centerclip_jax import config as config_lib
 from centerclip_jax.inference import encoder as encode
 from centerclip_jax.clustering import kmedoids
-from centerclip_jax.data import frames as frame_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
 from centerclip_jax.weights import loading
@@ -80,7 +79,8 @@ def test_medoids_match_an_independent_clustering(setup):
   embed = jax.jit(lambda p, im: clip_model.apply(
       {"params": p}, im, method=lambda m, t: m.visual.embed(t)))
   cluster = jax.jit(functools.partial(kmedoids.kmedoids_pp, k=8))
-  x = np.asarray(run_block(params["clip"], embed(params["clip"], jnp.asarray(frames)), 0))
+  pixels = clip_lib.normalize_pixels(jnp.asarray(frames))  # the visual tower takes floats
+  x = np.asarray(run_block(params["clip"], embed(params["clip"], pixels), 0))
   kept_tokens, kept_patches = [], []  # per segment: [1 + 8, W] tokens, [8] (frame, patch)
   first = steps[0]
   for s in range(2):
@@ -121,9 +121,8 @@ def test_cli_draws_medoid_outlines(setup, tmp_path):
   # The pictures, and the run's library log (visualize writes OUTPUT/log.txt).
   assert sorted(p.name for p in out.iterdir()) == [
       "log.txt", "step1_segment0.png", "step1_segment1.png", "step2_segment0.png"]
-  mean = np.asarray(frame_lib.CLIP_MEAN, np.float32)
-  std = np.asarray(frame_lib.CLIP_STD, np.float32)
-  rgb = np.clip(np.round((frames * std + mean) * 255), 0, 255)  # the input frames in RGB
+  assert frames.dtype == np.uint8
+  rgb = frames.astype(np.float64)  # the model's uint8 input frames, drawn as they are
   for i, sc in enumerate(steps, start=1):
     for s in range(sc.medoids.shape[1]):
       d = sc.input_frames
@@ -168,7 +167,7 @@ def test_models_without_medoids_are_rejected():
   cfg = config_lib.model_config(max_frames=4, num_blocks=3, tokens_per_frame=N)
   cfg.target_frames_blocks, cfg.cluster_num_blocks = TFB, CNB
   cfg.cluster_algo = "pooling"
-  frames, mask = np.zeros((1, 4, RES, RES, 3), np.float32), np.ones((1, 4), bool)
+  frames, mask = np.zeros((1, 4, RES, RES, 3), np.uint8), np.ones((1, 4), bool)
   with pytest.raises(ValueError, match="pooling"):
     cluster_inspect.cluster_medoids(centerclip.build_model(cfg, TINY3), {}, frames, mask)
   cfg.cluster_algo, cfg.cluster_inter = "kmedoids++", 0

@@ -133,7 +133,7 @@ def train_memory(model, global_batch: int, words: int = 32) -> int:
                          params)
   res = model.clip_config.image_resolution
   batch = {"frames": jax.ShapeDtypeStruct((global_batch, model.max_frames, res, res, 3),
-                                          jnp.float32),
+                                          jnp.uint8),
            "frame_mask": jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_),
            "text": jax.ShapeDtypeStruct((global_batch, words), jnp.int32)}
   trainable = optim.trainable_mask(params, freeze_layer_num=t.freeze_layer_num)
@@ -153,7 +153,7 @@ def run(archs, quick: bool, batch: int, repeats: int, train_batch: int, dtypes):
     cfg = clip_lib.get_preset(arch)
     params_clip = clip_lib.init_params(cfg, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
-    frames = jnp.asarray(rng.standard_normal((batch, 12, 224, 224, 3)), jnp.float32)
+    frames = jnp.asarray(rng.integers(0, 256, (batch, 12, 224, 224, 3), np.uint8))
     mask = jnp.ones((batch, 12), bool)
     entries = []
     for name, overrides in variants(arch, quick):
@@ -219,9 +219,10 @@ def vs_torch(batch: int = 4, frames: int = 12, repeats: int = 5, arch: str = "Vi
   params_clip = jax.tree.map(jnp.asarray, params_clip)
   rng = np.random.default_rng(0)
   res = cfg.image_resolution
-  video = rng.standard_normal((batch, frames, res, res, 3)).astype(np.float32)
+  video = rng.integers(0, 256, (batch, frames, res, res, 3), np.uint8)  # ours normalises
   mask = jnp.ones((batch, frames), bool)
-  images_nchw = torch.from_numpy(video.reshape(-1, res, res, 3).transpose(0, 3, 1, 2).copy())
+  pixels = np.asarray(clip_lib.normalize_pixels(jnp.asarray(video)))  # torch's input
+  images_nchw = torch.from_numpy(pixels.reshape(-1, res, res, 3).transpose(0, 3, 1, 2).copy())
   video_j = jnp.asarray(video)
 
   def torch_plain():

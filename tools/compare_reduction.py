@@ -61,7 +61,7 @@ def tower_costs(repeats: int, batch: int = 4):
   """{name: (GFLOPs/video, ms/video)} at ViT-B/32 shapes, timed round-robin."""
   params_clip = clip_lib.init_params(clip_lib.get_preset("ViT-B/32"), jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
-  frames = jnp.asarray(rng.standard_normal((batch, 12, 224, 224, 3)), jnp.float32)
+  frames = jnp.asarray(rng.integers(0, 256, (batch, 12, 224, 224, 3), np.uint8))
   mask = jnp.ones((batch, 12), bool)
   entries = []
   for name, overrides, _ in methods():

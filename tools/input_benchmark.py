@@ -7,7 +7,8 @@ r"""Training input pipeline throughput: videos/s, per CPU core, at 224 px.
 Without --dataset it builds (once, under --work_dir) a synthetic benchmark at 224 x 224
 px (128 videos of 24-45 frames; flat shapes, so its JPEGs decode somewhat faster than
 natural video) and times `data.pipeline.benchmark`: the train stream as training reads
-it (TSN sampling of 12 frames, decode of only those, crop, normalise, tokenise, batch)
+it (TSN sampling of 12 frames, decode of only those, resize and crop to uint8, tokenise,
+batch)
 on this host's cores.
 """
 

@@ -35,14 +35,14 @@ CONFIGS = {"baseline": 0, "kmedoids++ B6-4,49": 1}
 
 
 def host_batches(batch: int, count: int, seed: int = 0) -> list[dict]:
-  """`count` different random host batches (CLIP-normalised-like frames, 20-word texts)."""
+  """`count` different random host batches (random uint8 frames, 20-word texts)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(count):
     text = np.zeros((batch, 32), np.int32)
     text[:, :20] = rng.integers(1, 49000, (batch, 20))
     text[:, 20] = 49407
-    out.append({"frames": rng.standard_normal((batch, 12, 224, 224, 3), np.float32),
+    out.append({"frames": rng.integers(0, 256, (batch, 12, 224, 224, 3), np.uint8),
                 "frame_mask": np.ones((batch, 12), bool), "text": text})
   return out
 

@@ -1,4 +1,4 @@
-"""The one frame path: sample -> resize -> crop -> normalise, as TF ops.
+"""The one frame path: sample -> resize -> crop, as TF ops; the model normalises.
 
 Training and eval run these inside tf.data on the JPEG frames the datasets store
 (`load_jpegs`); `encode`, search and the cluster visualiser store the frames `video.py`
@@ -11,7 +11,9 @@ sees the same inputs from a video file as from the dataset built from it.
   T <= max_frames gives all T frames, then the last one repeated and masked out.
 * Shorter side -> `resolution` (bicubic as PIL's, within one uint8 level; skipped when
   the size already matches), centre crop (offsets rounded half to even, as torchvision's
-  CenterCrop), [0, 1], CLIP mean/std.
+  CenterCrop). The path ends in uint8 pixels: the model maps them to [0, 1] and CLIP
+  mean/std itself (`models.clip.normalize_pixels`, the one place that normalises), so a
+  batch goes to the device at a quarter of float32's size.
 """
 
 from __future__ import annotations
@@ -20,10 +22,6 @@ import numpy as np
 import tensorflow as tf
 
 from centerclip_jax.data import video
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def frame_indices(num_frames: tf.Tensor, max_frames: int, *, train: bool,
                   seed: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -104,30 +102,17 @@ def resize_and_crop(frames: tf.Tensor, resolution: int) -> tf.Tensor:
   return tf.ensure_shape(crop, [None, resolution, resolution, 3])
 
 
-def normalize(frames: tf.Tensor) -> tf.Tensor:
-  """uint8 [..., 3] -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, as one multiply-add."""
-  std = np.asarray(CLIP_STD, np.float64)
-  scale = tf.constant(1.0 / (255.0 * std), tf.float32)
-  bias = tf.constant(-np.asarray(CLIP_MEAN, np.float64) / std, tf.float32)
-  return tf.cast(frames, tf.float32) * scale + bias
-
-
-def preprocess(frames: tf.Tensor, resolution: int) -> tf.Tensor:
-  """uint8 [n, H, W, 3] -> float32 [n, R, R, 3]: resize, crop, normalise."""
-  return normalize(resize_and_crop(frames, resolution))
-
-
 def sampled_inputs(chosen: tf.Tensor, mask: tf.Tensor, resolution: int) -> tf.Tensor:
   """The distinct sampled frames, uint8 [n, H, W, 3] with n = sum(mask) -> model input
-  float32 [max_frames, R, R, 3]: preprocessed once each, the last repeated where masked."""
+  uint8 [max_frames, R, R, 3]: resized once each, the last repeated where masked."""
   distinct = tf.reduce_sum(tf.cast(mask, tf.int32))
   repeat_last = tf.minimum(tf.range(tf.size(mask)), distinct - 1)
-  return normalize(tf.gather(resize_and_crop(chosen, resolution), repeat_last))
+  return tf.gather(resize_and_crop(chosen, resolution), repeat_last)
 
 
 def load_jpegs(jpegs: tf.Tensor, indices: tf.Tensor, mask: tf.Tensor,
                resolution: int) -> tf.Tensor:
-  """JPEG frames string [T] -> float32 [max_frames, R, R, 3]; decodes only the sampled ones."""
+  """JPEG frames string [T] -> uint8 [max_frames, R, R, 3]; decodes only the sampled ones."""
   distinct = tf.reduce_sum(tf.cast(mask, tf.int32))  # Valid entries are distinct frames.
   decoded = tf.map_fn(
       lambda b: tf.io.decode_jpeg(b, channels=3, dct_method="INTEGER_ACCURATE"),
@@ -138,7 +123,7 @@ def load_jpegs(jpegs: tf.Tensor, indices: tf.Tensor, mask: tf.Tensor,
 
 def model_inputs(frames: np.ndarray, max_frames: int, resolution: int, *,
                  jpeg_quality: int = video.JPEG_QUALITY) -> tuple[np.ndarray, np.ndarray]:
-  """Decoded uint8 frames [T, H, W, 3] -> (float32 [max_frames, R, R, 3], bool [max_frames]),
+  """Decoded uint8 frames [T, H, W, 3] -> (uint8 [max_frames, R, R, 3], bool [max_frames]),
   eval sampling, computed as eval computes them from a dataset built from these frames.
 
   Each sampled frame is stored as the builders store it (`video.encode_jpeg` at

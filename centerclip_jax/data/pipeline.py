@@ -249,7 +249,7 @@ def train_dataset(builder: tfds.core.DatasetBuilder, split: str, *, global_batch
                   tokenize: TokenizeFn | None = None) -> Iterator[dict]:
   """Infinite iterator of this host's training batches (numpy), b = global / processes.
 
-  Yields {'frames': float32 [b, max_frames, R, R, 3] (CLIP-normalised),
+  Yields {'frames': uint8 [b, max_frames, R, R, 3] (pixels; the model normalises),
           'frame_mask': bool [b, max_frames], 'text': int32 [b, max_words]}.
   `examples='videos'`: one random caption per video per epoch; `'captions'`: every
   (video, caption) pair once per epoch (`_caption_rounds`; `max_captions` is the most
@@ -323,7 +323,7 @@ def eval_datasets(builder: tfds.core.DatasetBuilder, split: str, *, batch_size: 
                   process_count: int = 1, tokenize: TokenizeFn | None = None) -> EvalData:
   """This host's eval videos and caption queries, padded to full batches.
 
-  videos: {'frames' float32 [b, max_frames, R, R, 3], 'frame_mask' bool [b, max_frames],
+  videos: {'frames' uint8 [b, max_frames, R, R, 3], 'frame_mask' bool [b, max_frames],
            'video_index' int32 [b], 'valid' bool [b]}, centre frame sampling.
   texts:  {'text' int32 [b, max_words], 'video_index' int32 [b], 'valid' bool [b]}: every
           caption of every video. `video_index` is the video's index in the split, over all

@@ -71,7 +71,7 @@ def cluster_medoids(model, params: Any, frames, frame_mask) -> list[StepClusters
   Args:
     model: a `CenterCLIP` (from `loading.load_model`).
     params: its params.
-    frames: `[B, max_frames, H, W, 3]` CLIP-normalised frames (`encode.video_inputs`).
+    frames: `[B, max_frames, H, W, 3]` uint8 frames (`encode.video_inputs`).
     frame_mask: `[B, max_frames]`.
   Returns:
     One `StepClusters` per step of `model.steps`, in order.
@@ -85,7 +85,7 @@ def cluster_medoids(model, params: Any, frames, frame_mask) -> list[StepClusters
   if model.settings.algo not in CLUSTERING_ALGOS:
     raise ValueError(f"config.model.cluster_algo={model.settings.algo!r} keeps tokens "
                      f"without clustering; medoids exist only for {CLUSTERING_ALGOS}")
-  frames = jnp.asarray(frames, jnp.float32)
+  frames = jnp.asarray(frames)
   res = model.clip_config.image_resolution
   if frames.ndim != 5 or frames.shape[1] != model.max_frames or frames.shape[2:] != (
       res, res, 3):

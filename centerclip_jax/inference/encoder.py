@@ -7,8 +7,8 @@ Videos: any file PyAV decodes (decoded at `fps`, default 3, and shorter side
 `data/frames.py`, the ops eval runs: `config.model.max_frames` frames sampled uniformly
 (`int(tick/2 + tick*i)`, `tick = T/max_frames`; shorter videos repeat their last frame,
 masked), stored as JPEG at `config.data.jpeg_quality` as the datasets store them and read
-back, resized (shorter side, bicubic), centre-cropped and CLIP-normalised; only the
-sampled frames are decoded. A video file therefore embeds as its dataset example does.
+back, resized (shorter side, bicubic) and centre-cropped to uint8 model inputs (the
+model normalises them); only the sampled frames are decoded. A video file therefore embeds as its dataset example does.
 The clustering keys of `config.model` apply as in training.
 """
 
@@ -93,19 +93,19 @@ def _distinct(sampled: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 def video_inputs(frames: np.ndarray, max_frames: int, resolution: int, *,
                  jpeg_quality: int = video_lib.JPEG_QUALITY):
-  """uint8 [T, H, W, 3] -> (float32 [max_frames, res, res, 3], bool mask [max_frames]).
+  """uint8 [T, H, W, 3] -> (uint8 [max_frames, res, res, 3], bool mask [max_frames]).
 
   Eval sampling; each sampled frame stored as the datasets store it (JPEG at
-  `jpeg_quality`, `config.data.jpeg_quality`; 0 skips it), then the resize, crop and
-  normalisation of `frames.py`: the ops training and eval run, on the same bytes. The
-  frames `load_frames` returns give the inputs of the whole video.
+  `jpeg_quality`, `config.data.jpeg_quality`; 0 skips it), then the resize and crop of
+  `frames.py`: the ops training and eval run, on the same bytes (the model normalises).
+  The frames `load_frames` returns give the inputs of the whole video.
   """
   return frame_lib.model_inputs(frames, max_frames, resolution, jpeg_quality=jpeg_quality)
 
 
 def file_inputs(path: str, *, fps: float, short_side: int, max_frames: int,
                 resolution: int, jpeg_quality: int = video_lib.JPEG_QUALITY):
-  """(float32 [max_frames, R, R, 3], bool [max_frames], SampledVideo) of a video file."""
+  """(uint8 [max_frames, R, R, 3], bool [max_frames], SampledVideo) of a video file."""
   clip = load_frames(path, fps=fps, short_side=short_side, max_frames=max_frames)
   frames, mask = video_inputs(clip.frames, max_frames, resolution, jpeg_quality=jpeg_quality)
   return frames, mask, clip

@@ -1,6 +1,7 @@
 """CenterCLIP: CLIP with token clustering between ViT blocks, for text-video retrieval.
 
-Video path (`encode_video`): frames `[batch, frames, H, W, 3]` -> the CLIP ViT's patch
+Video path (`encode_video`): uint8 frames `[batch, frames, H, W, 3]` -> CLIP's pixel
+normalisation (`clip.normalize_pixels`, here and nowhere else) -> the CLIP ViT's patch
 embedding -> blocks, with a clustering step (`centerclip_jax.clustering.cluster_step`)
 before each block that the plan selects, which shrinks `[batch*frames, 1+N, width]` to
 `[batch*segments, 1+K, width]` -> `ln_post`/`proj` of every segment's CLS token ->
@@ -90,7 +91,7 @@ class CenterCLIP(nn.Module):
           self.dtype)
 
   def segment_features(self, frames, frame_mask, train: bool = False):
-    """frames [B, F, H, W, 3], frame_mask [B, F] -> ([B, S, D] float32, mask [B, S]).
+    """frames uint8 [B, F, H, W, 3], frame_mask [B, F] -> ([B, S, D] float32, mask [B, S]).
 
     S is the number of segments after the last clustering step (F without clustering).
     This is the one walk over the ViT blocks. Before block `b` a token-reduction step may
@@ -104,6 +105,7 @@ class CenterCLIP(nn.Module):
     if num_frames != self.max_frames:
       raise ValueError(f"expected {self.max_frames} frames per video, got {num_frames}")
     visual = self.clip.visual
+    frames = clip_lib.normalize_pixels(frames)
     x = visual.embed(frames.reshape((batch * num_frames,) + frames.shape[2:]))
     mask, sizes = frame_mask, None
     for b in range(self.clip_config.vision_layers):
@@ -148,7 +150,7 @@ class CenterCLIP(nn.Module):
     return tome_lib.size_bias(sizes)[:, None, None, :]
 
   def encode_video(self, frames, frame_mask, train: bool = False):
-    """frames [B, F, H, W, 3] (CLIP-normalised), frame_mask [B, F] -> [B, D] normalised."""
+    """frames uint8 [B, F, H, W, 3] (pixels), frame_mask [B, F] -> [B, D] L2-normalised."""
     features, mask = self.segment_features(frames, frame_mask, train)
     if self.sim_header == "seqTransf":
       features = self.seq_transformer(features, mask)
@@ -185,8 +187,9 @@ def build_model(model_cfg: ml_collections.ConfigDict,
 
 
 def dummy_inputs(model: CenterCLIP, batch: int = 1, words: int = 8):
+  """(uint8 frames [batch, F, R, R, 3], bool mask [batch, F], int32 text [batch, words])."""
   res = model.clip_config.image_resolution
-  return (jnp.zeros((batch, model.max_frames, res, res, 3), jnp.float32),
+  return (jnp.zeros((batch, model.max_frames, res, res, 3), jnp.uint8),
           jnp.ones((batch, model.max_frames), bool),
           jnp.zeros((batch, words), jnp.int32))
 

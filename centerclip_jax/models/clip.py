@@ -29,9 +29,29 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import numpy as np
 
 Dtype = Any
 LN_EPS = 1e-5
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, of pixels in [0, 1]
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize_pixels(frames):
+  """uint8 pixels [..., 3] -> float32 (x / 255 - CLIP_MEAN) / CLIP_STD, one multiply-add.
+
+  The one place that normalises: data pipelines hand the model uint8 pixels (a quarter of
+  float32's bytes to the device) and CenterCLIP's video path calls this first. Raises a
+  ValueError at trace time for any other dtype, so already-normalised floats are never
+  normalised twice.
+  """
+  if frames.dtype != jnp.uint8:
+    raise ValueError(f"frames must be uint8 pixels [..., 3] (the model normalises them), "
+                     f"got {frames.dtype} {tuple(frames.shape)}")
+  std = np.asarray(CLIP_STD, np.float64)
+  scale = (1.0 / (255.0 * std)).astype(np.float32)
+  bias = (-np.asarray(CLIP_MEAN, np.float64) / std).astype(np.float32)
+  return frames.astype(jnp.float32) * scale + bias
 
 
 @dataclasses.dataclass(frozen=True)

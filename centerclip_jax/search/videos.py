@@ -95,7 +95,7 @@ def decode_for_index(path: str, fps: float, short_side: int, resolution: int,
   """A worker's job: the model inputs of one video, its thumbnail and what decoding found.
 
   `encode.file_inputs` decodes only the sampled frames; the middle one is the thumbnail.
-  Returns {'frames' float32 [max_frames, res, res, 3], 'mask' bool [max_frames], 'thumb'
+  Returns {'frames' uint8 [max_frames, res, res, 3], 'mask' bool [max_frames], 'thumb'
   JPEG bytes, 'info': {num_frames, frames_used, truncated[, expected_frames]}}.
   """
   inputs, mask, clip = encode.file_inputs(path, fps=fps, short_side=short_side,
