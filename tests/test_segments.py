@@ -161,6 +161,32 @@ def test_cluster_step_matches_reference(name):
   np.testing.assert_allclose(out, r_out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("algo", ["kmedoids++", "sparse_sampling"])
+def test_cluster_step_gradient_reaches_exactly_the_kept_tokens(algo):
+  """The centres' VJP (a one-hot matmul, not a scatter): d sum(out * w) / dx is w at
+  each kept token's input position, the mean's 1/d share at every CLS, zero elsewhere."""
+  from centerclip_jax.clustering import segments  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(_tokens(3))
+  mask = jnp.ones((B, F), bool)
+  settings = ClusterSettings(algo=algo)
+  w = np.random.default_rng(4).normal(size=(B * FA, 1 + K, W)).astype(np.float32)
+
+  def loss(x):
+    out, _, info = segments.cluster_step_with_info(x, mask, STEP, settings,
+                                                   rng=jax.random.PRNGKey(0))
+    return jnp.sum(out * w), info["kept"]
+
+  grad, kept = jax.jit(jax.grad(loss, has_aux=True))(x)
+  d = F // FA
+  want = np.zeros((B * F, 1 + N, W), np.float32)
+  for s in range(B * FA):
+    for f in range(d):
+      want[s * d + f, 0] = w[s, 0] / d
+    for j, point in enumerate(np.asarray(kept)[s]):  # points are frame-major
+      want[s * d + point // N, 1 + point % N] = w[s, 1 + j]
+  np.testing.assert_allclose(np.asarray(grad), want, rtol=0, atol=1e-7)
+
+
 def test_cluster_step_vit_b32_b6_4_49():
   """The paper's setting at a small width: 12 frames x 49 patches -> 4 x 49."""
   (step,) = plan_steps(12, [12] * 6 + [4] * 6, [49] * 12, 12, 49)
