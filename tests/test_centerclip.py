@@ -93,6 +93,39 @@ def test_video_path_refuses_frames_that_are_not_uint8(dtype):
                                          method=model.encode_video), params)
 
 
+def test_text_tower_runs_its_last_block_on_the_eot_row_only(clip_params):
+  """encode_text (last block and ln_final on the EOT row) == every row through every
+  block, then the EOT row; values and gradients."""
+  model = clip_lib.CLIP(TINY)
+  rng = np.random.default_rng(5)
+  text = rng.integers(1, 90, (4, 10)).astype(np.int32)
+  for row, eot in enumerate((0, 3, 7, 9)):  # EOT (largest id) first, inside, last
+    text[row, eot] = 99
+  text = jnp.asarray(text)
+
+  def full_rows(m, t):
+    n = t.shape[-1]
+    x = m.token_embedding(t) + m.positional_embedding[:n]
+    x = m.ln_final(m.transformer(x, clip_lib.causal_mask(n)))
+    return x[jnp.arange(t.shape[0]), jnp.argmax(t, axis=-1)] @ m.text_projection
+
+  def loss(p, method):
+    out = model.apply({"params": p}, text, method=method)
+    return jnp.sum(jnp.sin(3.0 * out)), out
+
+  (l_eot, eot_out), g_eot = jax.value_and_grad(loss, has_aux=True)(clip_params,
+                                                                   model.encode_text)
+  (l_all, all_out), g_all = jax.value_and_grad(loss, has_aux=True)(clip_params, full_rows)
+  np.testing.assert_allclose(eot_out, all_out, rtol=0, atol=1e-6)
+  assert np.abs(np.asarray(all_out)).max() > 0.1  # not trivially zero
+  flat_eot, flat_all = (jax.tree_util.tree_leaves(g) for g in (g_eot, g_all))
+  scale = max(float(np.abs(np.asarray(b)).max()) for b in flat_all)  # about 200 here
+  for a, b in zip(flat_eot, flat_all):  # float32 rounding (measured up to 2.6e-6 * scale)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale)
+  last = g_all["transformer"]["resblocks_1"]["mlp"]["c_fc"]["kernel"]
+  assert np.abs(np.asarray(last)).max() > 1e-3  # the last block gets a real gradient
+
+
 def test_clustering_changes_the_embedding(clip_params):
   """Clustering drops tokens, so the embedding differs from the unclustered one."""
   with_c = tiny_model()

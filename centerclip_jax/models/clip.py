@@ -226,21 +226,24 @@ class PatchEmbed(nn.Module):
 class MultiheadAttention(nn.Module):
   """PyTorch `nn.MultiheadAttention` (batch first) with `in_proj` split into q/k/v.
 
-  x: [batch, tokens, width]; mask: optional additive [tokens, tokens] float mask.
+  x: [batch, queries, width] (the queries); kv: [batch, tokens, width] the keys' and
+  values' input (default x: self-attention); mask: optional additive float mask
+  broadcastable to [batch, heads, queries, tokens] (e.g. [tokens, tokens]).
   """
 
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, kv=None):
     width = x.shape[-1]
+    kv = x if kv is None else kv
     head_dim = width // self.num_heads
     dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
     q = split(dense("q_proj")(x)) * (head_dim ** -0.5)
-    k = split(dense("k_proj")(x))
-    v = split(dense("v_proj")(x))
+    k = split(dense("k_proj")(kv))
+    v = split(dense("v_proj")(kv))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
     if mask is not None:
       logits = logits + mask
@@ -261,14 +264,26 @@ class MLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-  """x + attn(ln_1(x)), then x + mlp(ln_2(x)); x: [batch, tokens, width]."""
+  """x + attn(ln_1(x)), then x + mlp(ln_2(x)); x: [batch, tokens, width].
+
+  With `rows` (int [batch]) only row `rows[b]` of each sequence is computed: its query
+  attends to the keys and values of all tokens (`mask` then broadcastable to
+  [batch, heads, 1, tokens]), and the output is [batch, 1, width], the same row-wise
+  computation as the full block's row. The other rows' attention outputs and MLPs are
+  never computed nor kept for the backward pass.
+  """
 
   num_heads: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
-    x = x + MultiheadAttention(self.num_heads, self.dtype, name="attn")(LayerNorm(name="ln_1")(x), mask)
+  def __call__(self, x, mask=None, rows=None):
+    h = LayerNorm(name="ln_1")(x)
+    kv = h
+    if rows is not None:
+      take = lambda t: jnp.take_along_axis(t, rows[:, None, None], axis=1)
+      x, h = take(x), take(h)
+    x = x + MultiheadAttention(self.num_heads, self.dtype, name="attn")(h, mask, kv)
     x = x + MLP(self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
     return x
 
@@ -285,9 +300,13 @@ class Transformer(nn.Module):
     block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     self.resblocks = [block_cls(self.heads, self.dtype) for _ in range(self.layers)]
 
-  def __call__(self, x, mask=None):
-    for block in self.resblocks:
-      x = block(x, mask)
+  def __call__(self, x, mask=None, last_rows=None, last_mask=None):
+    """x [batch, tokens, width] -> the same; with `last_rows` (int [batch]) the last block
+    computes only those rows (`ResidualAttentionBlock`'s `rows`, its mask `last_mask`):
+    -> [batch, 1, width]."""
+    for i, block in enumerate(self.resblocks):
+      last = last_rows is not None and i == len(self.resblocks) - 1
+      x = block(x, last_mask, last_rows) if last else block(x, mask)
     return x
 
 
@@ -390,17 +409,21 @@ class CLIP(nn.Module):
     """text [batch, length] int token ids (EOT has the largest id) -> [batch, embed_dim].
 
     `length` may be shorter than `context_length` (CLIP4Clip uses 32); the causal mask
-    makes the EOT feature independent of the padding after it.
+    makes the EOT feature independent of the padding after it. Only the EOT row is
+    used, so the last block and `ln_final` run on that row alone (its attention still
+    reads every earlier token): the same numbers, without the other rows' dead work and
+    activations.
     """
     n = text.shape[-1]
     if n > self.config.context_length:
       raise ValueError(f"text length {n} exceeds the context length {self.config.context_length}")
     x = self.token_embedding(text).astype(self.dtype)
     x = x + self.positional_embedding[:n].astype(self.dtype)
-    x = self.transformer(x, causal_mask(n))
-    x = self.ln_final(x).astype(jnp.float32)
-    eot = x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
-    return eot @ self.text_projection
+    eot = jnp.argmax(text, axis=-1)
+    mask = causal_mask(n)
+    x = self.transformer(x, mask, last_rows=eot, last_mask=mask[eot][:, None, None, :])
+    x = self.ln_final(x[:, 0]).astype(jnp.float32)
+    return x @ self.text_projection
 
   def __call__(self, images, text):
     """Returns (logits_per_image [n_img, n_txt], logits_per_text [n_txt, n_img])."""
