@@ -19,6 +19,7 @@ import pytest
 
 from centerclip_jax.training import checkpoints, optim
 from centerclip_jax.weights import resolver
+from tests import watch_processes
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -203,20 +204,8 @@ def resume_runs(tmp_path_factory):
   killed = subprocess.Popen(_cmd(tmp / "killed", tmp / "unused.npz", step_sleep=1.0),
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-  killed_log = []
-  try:
-    for line in killed.stdout:
-      killed_log.append(line)
-      if line.startswith(f"step {KILL_AFTER_STEP} "):
-        killed.send_signal(signal.SIGTERM)
-    killed.wait(timeout=300)
-    full_log, _ = full.communicate(timeout=300)
-  finally:
-    for p in (full, killed):
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  killed_log = "".join(killed_log)
+  (_, _), (full_log, killed_log) = watch_processes.run(
+      [full, killed], lambda line: line.startswith(f"step {KILL_AFTER_STEP} "), timeout=300)
   assert full.returncode == 0, full_log[-4000:]
   assert killed.returncode == 0, killed_log[-4000:]
   resumed = subprocess.run(_cmd(tmp / "killed", tmp / "resumed.npz"), cwd=REPO,
@@ -281,21 +270,8 @@ def _run_two(cmds, env, sigterm_after=None):
   """Runs both processes; SIGTERMs process 1 only after it prints `step <k>`."""
   procs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for c in cmds]
-  logs = ["", ""]
-  try:
-    for line in procs[1].stdout:
-      logs[1] += line
-      if sigterm_after is not None and line.startswith(f"step {sigterm_after} "):
-        procs[1].send_signal(signal.SIGTERM)
-        sigterm_after = None
-    procs[1].wait(timeout=600)
-    logs[0], _ = procs[0].communicate(timeout=600)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return [p.returncode for p in procs], logs
+  return watch_processes.run(procs, None if sigterm_after is None else (
+      lambda line: line.startswith(f"step {sigterm_after} ")))
 
 
 @pytest.mark.slow
