@@ -346,7 +346,7 @@ def print_row(row):
         f"{_fmt(row['ms_per_video'], '.1f', 9)} {_fmt(row['speedup'], '.2f', 8)} "
         f"{_fmt(row['ideal_speedup'], '.2f', 6)} {_fmt(row['gflops_per_video'], '.1f', 8)} "
         f"{_fmt(row['cluster_share'], '.1f', 6, 100, '%')} "
-        f"{row['train_memory_bytes'] / 1e9:9.2f} {row['train_memory_ratio']:9.2f}", flush=True)
+        f"{row['train_memory_bytes'] / 1e9:9.2f} {row['train_memory_ratio']:9.4f}", flush=True)
 
 
 def long_video(long_seconds: float, json_path: str | None) -> None:
