@@ -91,7 +91,14 @@ def _read_body(rfile, headers: list[bytes]) -> bytes:
 
 
 def _forward(rfile, wfile, line: str, headers: list[bytes], upstream) -> None:
-  """Sends one request to the emulator with a plain body and relays the whole answer."""
+  """Sends one request to the emulator with a plain body and relays the whole answer.
+
+  A client that asks `Expect: 100-continue` (curl, under TF, for every upload) is told to
+  go on at once, as GCS does; unanswered, curl waits a second before each body."""
+  if any(h.split(b":")[0].strip().lower() == b"expect" and b"100-continue" in h.lower()
+         for h in headers):
+    wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    wfile.flush()
   body = _read_body(rfile, headers)
   keep = [h for h in headers if h.split(b":")[0].strip().lower() not in
           (b"transfer-encoding", b"content-length", b"connection", b"proxy-connection",
