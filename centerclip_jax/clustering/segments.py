@@ -250,7 +250,8 @@ def _take_points_fwd(points, idx, m):
 
 def _take_points_bwd(m, idx, g):
   one_hot = jax.nn.one_hot(idx, m, dtype=g.dtype)  # [S, K, M]
-  return jnp.einsum("skm,skw->smw", one_hot, g), None
+  # HIGHEST: on TPU the default f32 matmul rounds g to bfloat16; this one must be exact.
+  return jnp.einsum("skm,skw->smw", one_hot, g, precision=jax.lax.Precision.HIGHEST), None
 
 
 _take_points.defvjp(_take_points_fwd, _take_points_bwd)
