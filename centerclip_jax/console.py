@@ -88,8 +88,10 @@ def quiet_stdout() -> Iterator[None]:
 
 
 def default_log_dir() -> pathlib.Path:
-  """Where commands without an output folder log: $TMPDIR/centerclip_jax."""
-  return pathlib.Path(tempfile.gettempdir()) / "centerclip_jax"
+  """Where commands without an output folder log: $TMPDIR/centerclip_jax-logs (not a
+  valid module name: a folder named `centerclip_jax` in the working directory would
+  shadow the package for commands started there)."""
+  return pathlib.Path(tempfile.gettempdir()) / "centerclip_jax-logs"
 
 
 def setup_logging(log_file: Optional[os.PathLike], verbosity: Optional[int] = None

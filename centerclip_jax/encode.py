@@ -12,7 +12,7 @@ already extracted frames; they take the frame path evaluation uses
 Output `.npz`, local or `gs://` (the `.npz` suffix is added if missing):
 `video_embeddings [V, D]`, `text_embeddings [C, D]` (float32, L2-normalised, input order),
 `video_paths`, `captions`, `logit_scale` (already exp'ed). Logs go to `OUT.log` next to a
-local output (for a bucket output to `$TMPDIR/centerclip_jax/`), and to the console with
+local output (for a bucket output to `$TMPDIR/centerclip_jax-logs/`), and to the console with
 `--verbosity=1`. Bad input: one `error:` line, exit 2, before
 any compute.
 """
@@ -84,7 +84,7 @@ def output_path(output: str):
 
 
 def log_path(out):
-  """`OUT.log` beside a local output; for a gs:// output, $TMPDIR/centerclip_jax/<name>.log
+  """`OUT.log` beside a local output; for a gs:// output, $TMPDIR/centerclip_jax-logs/<name>.log
   (logging cannot append to an object in a bucket)."""
   if paths.is_uri(out):
     return console.default_log_dir() / out.with_suffix(".log").name

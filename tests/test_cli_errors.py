@@ -187,3 +187,20 @@ def test_mesh_constraint_checked_before_the_dataset_is_read(files):
              env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert_one_line_error(proc, "config.train.grad_accum_steps=16 = 4 examples",
                         "8 device(s)", "multiple of 128")
+
+
+def test_the_log_folder_in_tmpdir_does_not_shadow_the_package(tmp_path):
+  """Commands without an output folder log under $TMPDIR. Started from $TMPDIR itself,
+  a log folder named `centerclip_jax` shadowed the package (a namespace package of logs:
+  `main` then failed to find its datasets' files)."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", TMPDIR=str(tmp_path))
+  proc = subprocess.run(
+      [sys.executable, "-m", "centerclip_jax.search", "query", "--index",
+       str(tmp_path / "no_index"), "a dog"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert_one_line_error(proc, "no_index")
+  assert [p for p in tmp_path.iterdir() if p.is_dir()]  # the log folder is there
+  code = "import centerclip_jax; print(centerclip_jax.__file__)"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.stdout.strip() == str(REPO / "centerclip_jax" / "__init__.py"), proc.stdout

@@ -6,7 +6,7 @@ r"""`python -m centerclip_jax.search index|query|serve ...` (see `centerclip_jax
   serve  --index OUT [--host 127.0.0.1] [--port 8080] [--init_from CKPT] [--max_batch 32]
 
 Results go to stdout (a table, or JSON with --json); progress to stderr; logs to
-`$TMPDIR/centerclip_jax/search-<command>.log` (and stderr with --verbosity=1). Bad input
+`$TMPDIR/centerclip_jax-logs/search-<command>.log` (and stderr with --verbosity=1). Bad input
 (missing folder, unreadable index, other model, a count < 1) exits with status 2 and one
 line.
 """
