@@ -94,6 +94,21 @@ def default_log_dir() -> pathlib.Path:
   return pathlib.Path(tempfile.gettempdir()) / "centerclip_jax-logs"
 
 
+class _LibraryDeprecations(logging.Filter):
+  """Keeps other libraries' deprecation notices (TFDS's `TensorInfo.dtype`, TF's
+  `map_fn`, ...) off the console below ERROR; the log file still gets them."""
+
+  _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR or record.pathname.startswith(self._OURS):
+      return True
+    return "deprecat" not in record.getMessage().lower()
+
+
+_CONSOLE_FILTER = _LibraryDeprecations()
+
+
 def setup_logging(log_file: Optional[os.PathLike], verbosity: Optional[int] = None
                   ) -> Optional[pathlib.Path]:
   """INFO logs to `log_file` (appended); the console shows them only at verbosity >= 1.
@@ -113,10 +128,12 @@ def setup_logging(log_file: Optional[os.PathLike], verbosity: Optional[int] = No
   root.setLevel(min(console_level, logging.INFO))
   absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 2 else absl_logging.INFO)
   absl_logging.get_absl_handler().setLevel(console_level)
+  absl_logging.get_absl_handler().addFilter(_CONSOLE_FILTER)
   for handler in root.handlers:
     if handler is not absl_logging.get_absl_handler() and not isinstance(
         handler, logging.FileHandler):
       handler.setLevel(console_level)
+      handler.addFilter(_CONSOLE_FILTER)
   logging.captureWarnings(True)
   for name in ("py.warnings", "tensorflow"):
     logging.getLogger(name).setLevel(logging.INFO)

@@ -62,7 +62,7 @@ def test_train_and_eval_writes_everything(trained):
   log = (workdir / "log.txt").read_text()
   assert "step 6/6" in log and "text_to_video" in log
   for noise in ("Closing _NonBlockingMetadataStore", "step 6/6", "] Finished saving",
-                "Downloading and preparing"):
+                "Downloading and preparing", "is deprecated"):
     assert noise not in proc.stderr + proc.stdout, noise
   assert list(workdir.glob("events.out.tfevents*")), "no TensorBoard event file"
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

@@ -1,0 +1,39 @@
+"""The console shows warnings, not other libraries' deprecation notices; the log file
+keeps everything."""
+
+from __future__ import annotations
+
+import logging
+
+from absl import logging as absl_logging
+
+from centerclip_jax import console
+
+
+def _emit(pathname: str, level: int, message: str):
+  logger = logging.getLogger("somelib")
+  logger.handle(logger.makeRecord("somelib", level, pathname, 1, message, (), None))
+
+
+def test_library_deprecations_go_to_the_log_file_only(tmp_path, capfd):
+  log = console.setup_logging(tmp_path / "log.txt", verbosity=0)
+  try:
+    absl_logging.use_absl_handler()
+    _emit("/x/site-packages/tensorflow_datasets/core/features/feature.py", logging.WARNING,
+          "`TensorInfo.dtype` is deprecated. Please change your code")
+    _emit("/x/site-packages/orbax/checkpoint/manager.py", logging.WARNING,
+          "step 7 could not be read")
+    _emit("/x/site-packages/lib/old.py", logging.ERROR, "deprecated path failed")
+    _emit(console.__file__, logging.WARNING, "our own option is deprecated")
+    for handler in logging.getLogger().handlers:
+      handler.flush()
+    err = capfd.readouterr().err
+  finally:
+    console.setup_logging(None, verbosity=0)
+  assert "TensorInfo.dtype" not in err
+  assert "step 7 could not be read" in err          # other warnings still shown
+  assert "deprecated path failed" in err            # errors always shown
+  assert "our own option is deprecated" in err      # this package's own notices shown
+  text = log.read_text()
+  for message in ("TensorInfo.dtype", "step 7 could not be read", "our own option"):
+    assert message in text, message
