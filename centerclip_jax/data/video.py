@@ -14,7 +14,6 @@ imported here, so that worker processes stay light.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -25,6 +24,8 @@ from typing import Iterator
 import av
 import numpy as np
 from PIL import Image
+
+from centerclip_jax import paths
 
 _CACHE_FORMAT = 1
 
@@ -271,8 +272,8 @@ class JpegRequest:
   return_frames: bool = True  # False: only store in cache_dir, return counts.
 
   def cache_key(self) -> str:
-    if _is_uri(self.path):
-      st = _bucket_path(self.path).stat()
+    if paths.is_uri(self.path):
+      st = paths.user_path(self.path).stat()
       where, mtime, size = self.path, st.mtime, st.length
     else:
       st = os.stat(self.path)
@@ -281,31 +282,6 @@ class JpegRequest:
         _CACHE_FORMAT, where, mtime, size,
         self.fps, self.short_side, self.start_time, self.end_time, self.quality))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _is_uri(path: str) -> bool:
-  return "://" in path
-
-
-def _bucket_path(path: str):
-  from centerclip_jax import paths  # pylint: disable=g-import-not-at-top  # only for URIs
-  return paths.user_path(path)
-
-
-def _is_file(path: str) -> bool:
-  return _bucket_path(path).is_file() if _is_uri(path) else os.path.isfile(path)
-
-
-@contextlib.contextmanager
-def _readable(path: str) -> Iterator[str]:
-  """A local path holding the video: itself, or for a bucket a temporary copy of the one
-  file in $TMPDIR (removed when the block ends)."""
-  if not _is_uri(path):
-    yield path
-    return
-  from centerclip_jax import paths  # pylint: disable=g-import-not-at-top
-  with paths.local_copy(path) as local:
-    yield os.fspath(local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,14 +335,16 @@ def encode_video_jpeg(request: JpegRequest) -> JpegResult:
   local = request.path
   try:
     file = None
-    if _is_uri(request.path) and not _is_file(request.path):
+    found = paths.user_path(request.path).is_file()
+    if paths.is_uri(request.path) and not found:
       return JpegResult(error=f"{request.path}: video file not found")
-    if request.cache_dir and _is_file(request.path):
+    if request.cache_dir and found:
       file = os.path.join(request.cache_dir, request.cache_key() + ".npz")
       if os.path.exists(file):
         if (cached := _load_cache(file, request.return_frames)) is not None:
           return cached
-    with _readable(request.path) as local:
+    with paths.local_copy(request.path) as copy:  # a bucket's video: a temporary copy
+      local = os.fspath(copy)
       jpegs = tuple(encode_jpeg(f, request.quality) for f in iter_frames(
           local, fps=request.fps, short_side=request.short_side,
           start_time=request.start_time, end_time=request.end_time))

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from etils import epath
 
+from centerclip_jax import paths
 from centerclip_jax.data import video
 from centerclip_jax.data.datasets import report
 from centerclip_jax.data.datasets.features import video_text_features
@@ -75,7 +76,7 @@ def config_name(fps: float, short_side: int) -> str:
 def _walk(root: str | os.PathLike) -> Iterable[tuple[str, str]]:
   """(folder, file name) of every file under root, folders in sorted order; a bucket
   folder (`gs://...`) through epath."""
-  if "://" in os.fspath(root):
+  if paths.is_uri(root):
     found = [(os.fspath(folder), name) for folder, _, files in epath.Path(root).walk()
              for name in files]
     yield from sorted(found, key=lambda f: (f[0].rstrip("/").split("/"), f[1]))
@@ -95,7 +96,8 @@ class VideoIndex:
     self.duplicates = 0
     for folder, name in _walk(root):
       if name.lower().endswith(VIDEO_EXTENSIONS):
-        path = folder.rstrip("/") + "/" + name if "://" in folder else os.path.join(folder, name)
+        path = (folder.rstrip("/") + "/" + name if paths.is_uri(folder)
+                else os.path.join(folder, name))
         if name in self.by_name:
           self.duplicates += 1
           continue
