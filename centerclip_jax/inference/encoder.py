@@ -8,7 +8,8 @@ Videos: any file PyAV decodes (decoded at `fps`, default 3, and shorter side
 (`int(tick/2 + tick*i)`, `tick = T/max_frames`; shorter videos repeat their last frame,
 masked), stored as JPEG at `config.data.jpeg_quality` as the datasets store them and read
 back, resized (shorter side, bicubic) and centre-cropped to uint8 model inputs (the
-model normalises them); only the sampled frames are decoded. A video file therefore embeds as its dataset example does.
+model normalises them); only the sampled frames are decoded. A video file therefore
+embeds as its dataset example does.
 The clustering keys of `config.model` apply as in training.
 """
 
