@@ -4,6 +4,7 @@ r"""Speed and memory of the video tower with and without token clustering.
   python tools/benchmark.py --vs-torch   # our ViT-B/32 tower vs the reference PyTorch one
   python tools/benchmark.py --long-video # decode: a 30-min vs a 10-s video (tools/long_video.py)
   python tools/benchmark.py --indexing   # `search index`: videos/s, model's wait for decoding
+  python tools/benchmark.py --memory-breakdown  # what the train step's peak holds (tools/memory_breakdown.py)
 
 For each architecture (random weights at real shapes, 12 frames, 224 px) it compares the
 CLIP4Clip baseline (no clustering) with `B6 - 4, K` and `B6 - 3, K` k-medoids++ and
@@ -117,12 +118,11 @@ def cluster_time(model, params, frames, mask, repeats: int) -> float:
   return total
 
 
-def train_memory(model, global_batch: int, words: int = 32) -> int:
-  """Peak bytes of one compiled train step (XLA memory analysis, not executed).
-
-  The step is training's own (`trainer.make_train_step`, the state donated as `_train`
-  does) with the default recipe's optimizer (`optim.make_optimizer`, `config.train`),
-  so the figure is that of the program `main` runs."""
+def compile_train_step(model, global_batch: int, words: int = 32):
+  """One compiled train step (not executed): training's own (`trainer.make_train_step`,
+  the state donated as `_train` does) with the default recipe's optimizer
+  (`optim.make_optimizer`, `config.train`), so that its memory is that of the program
+  `main` runs."""
   params = centerclip.abstract_params(model)
   t = config_lib.base_config().train
   tx, _ = optim.make_optimizer(
@@ -137,10 +137,13 @@ def train_memory(model, global_batch: int, words: int = 32) -> int:
            "frame_mask": jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_),
            "text": jax.ShapeDtypeStruct((global_batch, words), jnp.int32)}
   trainable = optim.trainable_mask(params, freeze_layer_num=t.freeze_layer_num)
-  compiled = jax.jit(trainer.make_train_step(model, tx, trainable),
-                     donate_argnums=(0,)).lower(
-      state, batch).compile()
-  mem = compiled.memory_analysis()
+  return jax.jit(trainer.make_train_step(model, tx, trainable),
+                 donate_argnums=(0,)).lower(state, batch).compile()
+
+
+def train_memory(model, global_batch: int, words: int = 32) -> int:
+  """Peak bytes of one compiled train step (XLA memory analysis, not executed)."""
+  mem = compile_train_step(model, global_batch, words).memory_analysis()
   return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)
 
@@ -382,7 +385,17 @@ def main():
                       help="only: `search index` videos/s and the share of time the model "
                       "waits for decoding, on generated 10-s and 10-min h264 videos")
   parser.add_argument("--workers", type=int, default=2, help="--indexing: decode processes")
+  parser.add_argument("--memory-breakdown", action="store_true",
+                      help="only: what the train step's memory peak holds, baseline vs "
+                      "B6-4 (tools/memory_breakdown.py; ViT-B/32, --train_batch, float32)")
   args = parser.parse_args()
+  if args.memory_breakdown:
+    import memory_breakdown  # pylint: disable=g-import-not-at-top  (tools/)
+    out = memory_breakdown.measure("ViT-B/32", args.train_batch, "float32")
+    memory_breakdown.print_report(out)
+    if args.json:
+      pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    return
   if args.indexing:
     out = indexing(workers=args.workers, batch_size=args.batch or 8)
     if args.json:
