@@ -10,6 +10,7 @@ import pytest
 from centerclip_jax import config as config_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.models import layers
 
 TINY = clip_lib.CLIPConfig(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64,
                            vision_patch_size=8, context_length=16, vocab_size=100,
@@ -106,7 +107,7 @@ def test_text_tower_runs_its_last_block_on_the_eot_row_only(clip_params):
   def full_rows(m, t):
     n = t.shape[-1]
     x = m.token_embedding(t) + m.positional_embedding[:n]
-    x = m.ln_final(m.transformer(x, clip_lib.causal_mask(n)))
+    x = m.ln_final(m.transformer(x, layers.causal_mask(n)))
     return x[jnp.arange(t.shape[0]), jnp.argmax(t, axis=-1)] @ m.text_projection
 
   def loss(p, method):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.models import layers
 from centerclip_jax.weights import porting
 from tests import torch_checkpoints as tc
 
@@ -179,7 +180,7 @@ def test_bfloat16_compute(case):
 
 
 def test_patch_embed_value_and_grads_equal_the_strided_conv():
-  """`clip.patch_project` (patchify + matmul, custom VJP) vs `lax.conv` and its autodiff."""
+  """`layers.patch_project` (patchify + matmul, custom VJP) vs `lax.conv` and its autodiff."""
   rng = np.random.default_rng(5)
   images = jnp.asarray(rng.standard_normal((3, 16, 24, 3)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((8, 8, 3, 5)) * 0.1, jnp.float32)
@@ -191,7 +192,7 @@ def test_patch_embed_value_and_grads_equal_the_strided_conv():
                                      precision="highest")
     return y.reshape(3, -1, 5)
 
-  ours = lambda x, k: clip_lib.patch_project(x, k, 8)
+  ours = lambda x, k: layers.patch_project(x, k, 8)
   np.testing.assert_allclose(ours(images, kernel), conv(images, kernel), atol=1e-5)
   loss = lambda f: lambda x, k: jnp.sum(f(x, k) * probe)
   g_ours = jax.grad(loss(ours), argnums=(0, 1))(images, kernel)

@@ -11,6 +11,7 @@ from centerclip_jax import config as config_lib
 from centerclip_jax.clustering import segments as segments_lib
 from centerclip_jax.models import centerclip
 from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.models import layers
 from tests import tome_reference as ref
 
 TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=16, vision_layers=3, vision_width=64,
@@ -21,7 +22,7 @@ TINY = clip_lib.CLIPConfig(embed_dim=32, image_resolution=16, vision_layers=3, v
 def test_proportional_attention_equals_attention_over_duplicates():
   """A token of size s stands for s identical tokens: with log(s) on its logits, the
   block over the merged sequence equals the block over the unmerged one (float precision)."""
-  block = clip_lib.ResidualAttentionBlock(num_heads=4)
+  block = layers.ResidualAttentionBlock(num_heads=4)
   rng = np.random.default_rng(0)
   base = rng.normal(size=(1, 6, 32)).astype(np.float32)
   sizes = np.asarray([1, 3, 1, 2, 1, 4], np.float32)

@@ -28,6 +28,7 @@ from centerclip_jax.models import settings as settings_lib
 from centerclip_jax.clustering import segments as segments_lib
 from centerclip_jax.clustering import tome as tome_lib
 from centerclip_jax.models import clip as clip_lib
+from centerclip_jax.models import layers
 
 Dtype = Any
 
@@ -59,7 +60,7 @@ class SeqTransformer(nn.Module):
                      (self.max_frames, width), jnp.float32)
     x = (features + pos[:features.shape[1]]).astype(self.dtype)
     attn_mask = jnp.where(mask[:, None, None, :].astype(bool), 0.0, -1e6).astype(jnp.float32)
-    x = clip_lib.Transformer(self.layers, self.heads, self.dtype, name="transformer")(x, attn_mask)
+    x = layers.Transformer(self.layers, self.heads, self.dtype, name="transformer")(x, attn_mask)
     return x.astype(jnp.float32) + features
 
 

@@ -12,6 +12,7 @@ checkpoint is a short table of rules (see `centerclip_jax/weights/porting.py`):
 
 Parameters are float32; `dtype` is the compute dtype (float32 or bfloat16). LayerNorm,
 softmax and the final projections run in float32, as OpenAI's fp16 `LayerNorm` does.
+The blocks, attention, MLP, LayerNorm and `conv1` are in `layers.py`.
 
 The vision tower exposes its pieces (`embed`, `block`, `head`) so that CenterCLIP can
 insert token-clustering steps between blocks without rewriting the model.
@@ -20,7 +21,6 @@ insert token-clustering steps between blocks without rewriting the model.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from centerclip_jax.models import layers
+
 Dtype = Any
-LN_EPS = 1e-5
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # RGB, of pixels in [0, 1]
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -146,170 +147,6 @@ def get_preset(name: str) -> CLIPConfig:
   return PRESETS[name]
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm over the last axis (eps 1e-5) in float32; output in the input dtype."""
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (width,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (width,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + LN_EPS) * scale + bias
-    return y.astype(x.dtype)
-
-
-def quick_gelu(x):
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-def _patchify(images, p: int):
-  """[n, H, W, C] -> [n, (H/p) * (W/p), p * p * C], patches row-major, (kh, kw, C) inside."""
-  n, h, w, c = images.shape
-  x = images.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def _unpatchify(x, shape, p: int):
-  n, h, w, c = shape
-  x = x.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def patch_project(images, kernel, p: int):
-  """images [n, H, W, C], kernel [p, p, C, width] -> [n, (H/p) * (W/p), width].
-
-  The stride-p convolution as patchify + one matmul. Its VJP recomputes the patches from
-  `images` instead of keeping a patchified copy of every frame alive for the backward pass.
-  """
-  return _patchify(images, p) @ kernel.reshape(-1, kernel.shape[-1])
-
-
-def _patch_project_fwd(images, kernel, p):
-  return patch_project(images, kernel, p), (images, kernel)
-
-
-def _patch_project_bwd(p, res, g):
-  images, kernel = res
-  k2 = kernel.reshape(-1, kernel.shape[-1])
-  dk = jnp.einsum("ntk,ntw->kw", _patchify(images, p), g).reshape(kernel.shape)
-  dx = _unpatchify(g @ k2.T, images.shape, p)
-  return dx.astype(images.dtype), dk.astype(kernel.dtype)
-
-
-patch_project.defvjp(_patch_project_fwd, _patch_project_bwd)
-
-
-class PatchEmbed(nn.Module):
-  """`conv1`: the stride-`patch` convolution without bias, as one matmul over patches.
-
-  images [n, H, W, C] -> [n, (H/p) * (W/p), width], patches row-major. The kernel is
-  `nn.Conv`'s `[p, p, C, width]`; on XLA:CPU the patchify + matmul is about 3x faster
-  than the convolution (same sums, in another order).
-  """
-
-  width: int
-  patch: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, images):
-    c, p = images.shape[-1], self.patch
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.width),
-                        jnp.float32)
-    return patch_project(images.astype(self.dtype), kernel.astype(self.dtype), p)
-
-
-class MultiheadAttention(nn.Module):
-  """PyTorch `nn.MultiheadAttention` (batch first) with `in_proj` split into q/k/v.
-
-  x: [batch, queries, width] (the queries); kv: [batch, tokens, width] the keys' and
-  values' input (default x: self-attention); mask: optional additive float mask
-  broadcastable to [batch, heads, queries, tokens] (e.g. [tokens, tokens]).
-  """
-
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask=None, kv=None):
-    width = x.shape[-1]
-    kv = x if kv is None else kv
-    head_dim = width // self.num_heads
-    dense = lambda name: nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    split = lambda t: t.reshape(t.shape[:-1] + (self.num_heads, head_dim))
-    q = split(dense("q_proj")(x)) * (head_dim ** -0.5)
-    k = split(dense("k_proj")(kv))
-    v = split(dense("v_proj")(kv))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if mask is not None:
-      logits = logits + mask
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(x.shape[:-1] + (width,))
-    return dense("out_proj")(out)
-
-
-class MLP(nn.Module):
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    width = x.shape[-1]
-    x = nn.Dense(4 * width, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
-    x = quick_gelu(x)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(x)
-
-
-class ResidualAttentionBlock(nn.Module):
-  """x + attn(ln_1(x)), then x + mlp(ln_2(x)); x: [batch, tokens, width].
-
-  With `rows` (int [batch]) only row `rows[b]` of each sequence is computed: its query
-  attends to the keys and values of all tokens (`mask` then broadcastable to
-  [batch, heads, 1, tokens]), and the output is [batch, 1, width], the same row-wise
-  computation as the full block's row. The other rows' attention outputs and MLPs are
-  never computed nor kept for the backward pass.
-  """
-
-  num_heads: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask=None, rows=None):
-    h = LayerNorm(name="ln_1")(x)
-    kv = h
-    if rows is not None:
-      take = lambda t: jnp.take_along_axis(t, rows[:, None, None], axis=1)
-      x, h = take(x), take(h)
-    x = x + MultiheadAttention(self.num_heads, self.dtype, name="attn")(h, mask, kv)
-    x = x + MLP(self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
-    return x
-
-
-class Transformer(nn.Module):
-  """A stack of residual attention blocks named `resblocks_<i>`."""
-
-  layers: int
-  heads: int
-  dtype: Dtype = jnp.float32
-  remat: bool = False
-
-  def setup(self):
-    block_cls = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
-    self.resblocks = [block_cls(self.heads, self.dtype) for _ in range(self.layers)]
-
-  def __call__(self, x, mask=None, last_rows=None, last_mask=None):
-    """x [batch, tokens, width] -> the same; with `last_rows` (int [batch]) the last block
-    computes only those rows (`ResidualAttentionBlock`'s `rows`, its mask `last_mask`):
-    -> [batch, 1, width]."""
-    for i, block in enumerate(self.resblocks):
-      last = last_rows is not None and i == len(self.resblocks) - 1
-      x = block(x, last_mask, last_rows) if last else block(x, mask)
-    return x
-
-
 class VisionTransformer(nn.Module):
   """CLIP's ViT image tower.
 
@@ -326,15 +163,16 @@ class VisionTransformer(nn.Module):
     cfg = self.config
     width = cfg.vision_width
     scale = width ** -0.5
-    self.conv1 = PatchEmbed(width, cfg.vision_patch_size, self.dtype)
+    self.conv1 = layers.PatchEmbed(width, cfg.vision_patch_size, self.dtype)
     self.class_embedding = self.param(
         "class_embedding", nn.initializers.normal(scale), (width,), jnp.float32)
     self.positional_embedding = self.param(
         "positional_embedding", nn.initializers.normal(scale), (cfg.num_patches + 1, width),
         jnp.float32)
-    self.ln_pre = LayerNorm()
-    self.transformer = Transformer(cfg.vision_layers, cfg.vision_heads, self.dtype, self.remat)
-    self.ln_post = LayerNorm()
+    self.ln_pre = layers.LayerNorm()
+    self.transformer = layers.Transformer(cfg.vision_layers, cfg.vision_heads, self.dtype,
+                                          self.remat)
+    self.ln_post = layers.LayerNorm()
     self.proj = self.param("proj", nn.initializers.normal(scale), (width, cfg.embed_dim),
                            jnp.float32)
 
@@ -374,11 +212,6 @@ class VisionTransformer(nn.Module):
     return self.head(x[:, 0]).reshape(lead + (-1,))
 
 
-def causal_mask(n: int):
-  """Additive [n, n] mask: -inf above the diagonal (OpenAI's `build_attention_mask`)."""
-  return jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf).astype(jnp.float32)
-
-
 class CLIP(nn.Module):
   """OpenAI CLIP (ViT variant). `encode_image` / `encode_text` give unnormalised features."""
 
@@ -390,14 +223,18 @@ class CLIP(nn.Module):
     cfg = self.config
     width = cfg.transformer_width
     self.visual = VisionTransformer(cfg, self.dtype, self.remat)
-    self.token_embedding = nn.Embed(cfg.vocab_size, width, embedding_init=nn.initializers.normal(0.02),
+    self.token_embedding = nn.Embed(cfg.vocab_size, width,
+                                    embedding_init=nn.initializers.normal(0.02),
                                     dtype=jnp.float32, param_dtype=jnp.float32)
     self.positional_embedding = self.param(
-        "positional_embedding", nn.initializers.normal(0.01), (cfg.context_length, width), jnp.float32)
-    self.transformer = Transformer(cfg.transformer_layers, cfg.transformer_heads, self.dtype, self.remat)
-    self.ln_final = LayerNorm()
+        "positional_embedding", nn.initializers.normal(0.01), (cfg.context_length, width),
+        jnp.float32)
+    self.transformer = layers.Transformer(cfg.transformer_layers, cfg.transformer_heads,
+                                          self.dtype, self.remat)
+    self.ln_final = layers.LayerNorm()
     self.text_projection = self.param(
-        "text_projection", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim), jnp.float32)
+        "text_projection", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
+        jnp.float32)
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(math.log(1 / 0.07)), (), jnp.float32)
 
@@ -420,7 +257,7 @@ class CLIP(nn.Module):
     x = self.token_embedding(text).astype(self.dtype)
     x = x + self.positional_embedding[:n].astype(self.dtype)
     eot = jnp.argmax(text, axis=-1)
-    mask = causal_mask(n)
+    mask = layers.causal_mask(n)
     x = self.transformer(x, mask, last_rows=eot, last_mask=mask[eot][:, None, None, :])
     x = self.ln_final(x[:, 0]).astype(jnp.float32)
     return x @ self.text_projection

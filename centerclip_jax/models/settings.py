@@ -115,7 +115,8 @@ def validate_model(m: ml_collections.ConfigDict, clip_config: clip_lib.CLIPConfi
   if m.sim_header == "seqTransf" and clip_config.embed_dim != clip_config.transformer_width:
     _fail("model.sim_header", "seqTransf needs embed_dim == transformer_width (it reuses "
           f"text layers), got {clip_config.embed_dim} and {clip_config.transformer_width}")
-  if m.sim_header == "seqTransf" and not 1 <= m.seq_transformer_layers <= clip_config.transformer_layers:
+  if (m.sim_header == "seqTransf"
+      and not 1 <= m.seq_transformer_layers <= clip_config.transformer_layers):
     _fail("model.seq_transformer_layers",
           f"must be in [1, {clip_config.transformer_layers}] (copied from the text tower)")
   cluster_settings(m)
