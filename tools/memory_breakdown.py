@@ -89,29 +89,26 @@ def breakdown(folder: pathlib.Path, total_bytes: int) -> dict[str, int]:
   return dict(parts)
 
 
-def _compile_and_dump(arch: str, overrides: dict, dtype: str, batch: int) -> None:
+def _compile_and_dump(arch: str, variant: int, dtype: str, batch: int) -> None:
   """Child process: compile one train step (XLA_FLAGS set by the parent); print its bytes."""
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  import benchmark  # pylint: disable=g-import-not-at-top  (tools/)
+  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
+  _, overrides = benchmark.variants(arch, quick=True)[variant]
   print(json.dumps({"total_bytes": benchmark.train_memory(
       benchmark.build(arch, overrides, dtype), batch)}))
 
 
 def measure(arch: str = "ViT-B/32", batch: int = 32, dtype: str = "float32") -> dict:
   """{config name: {part: bytes}} for the baseline and `B6 - 4, K` k-medoids++."""
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  import benchmark  # pylint: disable=g-import-not-at-top  (tools/)
+  import benchmark  # pylint: disable=g-import-not-at-top  (tools/, beside this file)
   out = {}
-  for name, overrides in benchmark.variants(arch, quick=True)[:2]:
+  for variant, (name, _) in enumerate(benchmark.variants(arch, quick=True)[:2]):
     with tempfile.TemporaryDirectory() as folder:
       env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                                         f" --xla_dump_to={folder} --xla_dump_hlo_as_text"
                                         " --xla_dump_hlo_module_re=.*train_step.*").strip())
-      code = (f"import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
-              f"import memory_breakdown as m; m._compile_and_dump({arch!r}, "
-              f"{overrides!r}, {dtype!r}, {batch})")
-      proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, check=False)
+      job = json.dumps({"arch": arch, "variant": variant, "dtype": dtype, "batch": batch})
+      proc = subprocess.run([sys.executable, __file__, "--compile", job], env=env,
+                            capture_output=True, text=True, check=False)
       if proc.returncode:
         raise RuntimeError(f"compiling {name} failed:\n{proc.stderr[-3000:]}")
       total = json.loads(proc.stdout.strip().splitlines()[-1])["total_bytes"]
@@ -137,7 +134,11 @@ def main():
   parser.add_argument("--train_batch", type=int, default=32)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--json", help="also write {config: {part: bytes}} here")
+  parser.add_argument("--compile", help=argparse.SUPPRESS)  # the child process's job
   args = parser.parse_args()
+  if args.compile:
+    _compile_and_dump(**json.loads(args.compile))
+    return
   result = measure(args.arch, args.train_batch, args.dtype)
   print_report(result)
   if args.json:
