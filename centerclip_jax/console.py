@@ -24,7 +24,7 @@ from absl import logging as absl_logging
 from centerclip_jax import paths
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_STATE = {"file_handler": None}
+_STATE = {"file_handler": None, "unraisablehook": sys.unraisablehook}
 
 
 def quiet_tensorflow(env=os.environ) -> None:
@@ -94,19 +94,35 @@ def default_log_dir() -> pathlib.Path:
   return pathlib.Path(tempfile.gettempdir()) / "centerclip_jax-logs"
 
 
-class _LibraryDeprecations(logging.Filter):
-  """Keeps other libraries' deprecation notices (TFDS's `TensorInfo.dtype`, TF's
-  `map_fn`, ...) off the console below ERROR; the log file still gets them."""
+class _LibraryNotices(logging.Filter):
+  """Keeps other libraries' notices off the console below ERROR (the log file still gets
+  them): deprecations (TFDS's `TensorInfo.dtype`, TF's `map_fn`, ...) and orbax restating
+  the read-only manager the resolver opens ("CheckpointManagerOptions.read_only=True,
+  setting ...", "Given directory is read only=...")."""
 
   _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.ERROR or record.pathname.startswith(self._OURS):
       return True
-    return "deprecat" not in record.getMessage().lower()
+    message = record.getMessage()
+    return not ("deprecat" in message.lower() or "read_only=True" in message
+                or message.startswith("Given directory is read only"))
 
 
-_CONSOLE_FILTER = _LibraryDeprecations()
+def _late_callbacks_to_log(unraisable) -> None:
+  """`sys.unraisablehook`: "Event loop is closed" from TensorStore reads that finish after
+  a failed orbax restore has closed its event loop (the restore's own error is reported)
+  goes to the log file; anything else to the previous hook (stderr)."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    _to_log_file(logging.INFO, "a late TensorStore callback after its event loop closed "
+                 "(a failed restore's other reads finishing): ignored")
+    return
+  _STATE["unraisablehook"](unraisable)
+
+
+_CONSOLE_FILTER = _LibraryNotices()
 
 
 def setup_logging(log_file: Optional[os.PathLike], verbosity: Optional[int] = None
@@ -135,6 +151,9 @@ def setup_logging(log_file: Optional[os.PathLike], verbosity: Optional[int] = No
       handler.setLevel(console_level)
       handler.addFilter(_CONSOLE_FILTER)
   logging.captureWarnings(True)
+  if sys.unraisablehook is not _late_callbacks_to_log:
+    _STATE["unraisablehook"] = sys.unraisablehook
+    sys.unraisablehook = _late_callbacks_to_log
   for name in ("py.warnings", "tensorflow"):
     logging.getLogger(name).setLevel(logging.INFO)
   old = _STATE["file_handler"]
