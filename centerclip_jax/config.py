@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.eval_every_epochs = 1
   c.train.keep_checkpoints = 3
-  c.train.skip_nonfinite = False  # non-finite loss/grads: False stops the run, True skips the update
+  # Non-finite loss or gradients: False stops the run, True skips the update.
+  c.train.skip_nonfinite = False
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 64          # videos (and captions) per eval batch, global
   c.eval.dsl = True               # also report dual-softmax re-scored metrics

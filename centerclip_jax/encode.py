@@ -118,7 +118,8 @@ def main(argv, cli_flags: dict):
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     console.say(f"encoding {len(videos)} video(s) and {len(captions)} caption(s) "
                 f"(log: {log})")
-    from centerclip_jax.evaluation import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from centerclip_jax.evaluation import evaluate as evaluate_lib
     result = encoder.encode(config, videos, captions, fps=fps, batch_size=batch_size)
     evaluate_lib.check_finite(result["video_embeddings"], list(videos), "encode: video")
     evaluate_lib.check_finite(result["text_embeddings"], captions, "encode: caption")

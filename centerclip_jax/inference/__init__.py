@@ -1,1 +1,2 @@
-"""Inference library for the apps: one encoder (checkpoint -> model -> embeddings) and cluster inspection."""
+"""Inference library for the apps: one encoder (checkpoint -> model -> embeddings) and
+cluster inspection."""

@@ -253,7 +253,8 @@ class Checkpointer:
     if step not in self._manager.all_steps():
       raise ValueError(f"no checkpoint at step {step} in {self.directory}")
     self._manager.wait_until_finished()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return restored[META]["metrics"]
 
   def step_path(self, step: int) -> epath.Path:

@@ -320,7 +320,8 @@ def make_optimizer(
     raise ValueError(f"lr ({lr}) and coef_lr ({coef_lr}) must be >= 0")
   if not isinstance(params, Mapping):
     raise ValueError("make_optimizer: params must be a dict tree "
-                     f"({{'{pretrained_prefix}': <CLIP params>, ...}}), got {type(params).__name__}")
+                     f"({{'{pretrained_prefix}': <CLIP params>, ...}}), "
+                     f"got {type(params).__name__}")
   if freeze_layer_num > -1 and pretrained_prefix not in params:
     raise ValueError(
         f"make_optimizer: freeze_layer_num={freeze_layer_num} freezes the pretrained params "

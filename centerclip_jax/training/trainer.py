@@ -363,7 +363,8 @@ def _train(config, workdir, builder, model, params, mesh, writer, res, select_sp
       writer.write_scalars(step + 1, _flat(sel, f"select_{select_split}"))
       value = sel[SELECTION_METRIC[0]][SELECTION_METRIC[1]]
       eval_metrics = {"/".join(SELECTION_METRIC): value}
-      logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset, select_split, value)
+      logging.info("epoch %d: %s R@1 (t2v) on %s = %.2f", epoch, config.dataset,
+                   select_split, value)
       if jax.process_index() == 0:
         bar.write(f"epoch {epoch}, step {step + 1}: text_to_video R@1 on {select_split} "
                   f"= {value:.2f}")

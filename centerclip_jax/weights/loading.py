@@ -26,7 +26,8 @@ def resolve_path(value: str, field: str) -> epath.Path:
 
 
 def read_clip_config(path) -> clip_lib.CLIPConfig:
-  return clip_lib.CLIPConfig.from_dict(json.loads((epath.Path(path) / CLIP_CONFIG_FILE).read_text()))
+  text = (epath.Path(path) / CLIP_CONFIG_FILE).read_text()
+  return clip_lib.CLIPConfig.from_dict(json.loads(text))
 
 
 def _clip_config_of(source: resolver.Resolved) -> clip_lib.CLIPConfig:

@@ -81,7 +81,8 @@ def verify_against_torch(config: CLIPConfig, clip_state_dict: Mapping[str, np.nd
   variables = {"params": params}
   # Full float32 matmuls: on GPUs, XLA's default would use TF32 and differ by ~1e-3.
   with jax.default_matmul_precision("highest"):
-    out_image = jax.jit(functools.partial(flax_model.apply, method="encode_image"))(variables, images)
-    out_text = jax.jit(functools.partial(flax_model.apply, method="encode_text"))(variables, text)
+    apply = lambda method: jax.jit(functools.partial(flax_model.apply, method=method))
+    out_image = apply("encode_image")(variables, images)
+    out_text = apply("encode_text")(variables, text)
   return {"image": float(np.max(np.abs(np.asarray(out_image) - ref_image))),
           "text": float(np.max(np.abs(np.asarray(out_text) - ref_text)))}
