@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import statistics
-import sys
 import time
 
 from centerclip_jax import console  # pylint: disable=g-import-not-at-top

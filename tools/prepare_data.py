@@ -37,7 +37,6 @@ TFDS CLI alternative (default config fps3_224, all cores, cache kept):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from centerclip_jax.models import clip as clip_lib
-from centerclip_jax.weights import porting
+from centerclip_jax.weights import torch_files
 
 CLIPConfig = clip_lib.CLIPConfig
 
@@ -36,7 +36,7 @@ def reference_clip_module():
     if path is None or not path.is_file():
       raise ImportError("the reference PyTorch CLIP needs clip-anytorch: "
                         "pip install --no-deps clip-anytorch==2.6.0")
-    porting.import_torch()
+    torch_files.import_torch()
     mspec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(mspec)
     mspec.loader.exec_module(module)
@@ -69,7 +69,7 @@ def verify_against_torch(config: CLIPConfig, clip_state_dict: Mapping[str, np.nd
   The reference is `clip.model.CLIP` built from `config` and loaded (strictly) with the
   float32 OpenAI-layout `clip_state_dict`; `build_model` is avoided since it rounds to fp16.
   """
-  torch = porting.import_torch()
+  torch = torch_files.import_torch()
   model = reference_clip_module().CLIP(**dataclasses.asdict(config)).eval()
   model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
                          for k, v in clip_state_dict.items()}, strict=True)
