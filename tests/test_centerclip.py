@@ -203,3 +203,31 @@ def test_vit_b32_video_tower_with_clustering(dtype):
                                                           params, frames, mask)
   assert feats.shape == (1, 4, 512) and seg_mask.shape == (1, 4)
   assert np.all(np.isfinite(np.asarray(feats)))
+
+
+@pytest.mark.parametrize("overrides", [{"cluster_inter": 0}, {"cluster_algo": "kmedoids++"}])
+def test_remat_gives_the_same_loss_and_gradients(overrides, clip_params):
+  """`model.remat` (every residual block of both towers) recomputes the blocks in the
+  backward pass: the same value and gradients, and the lowered program keeps each block's
+  recomputation apart behind an optimization barrier (one per block: 4 vision + 2 text).
+  XLA:CPU drops those barriers and CSE merges the recomputation back, so the memory saving
+  shows on TPU/GPU only (README, "Speed and memory")."""
+  f, mask, text = inputs()
+  out = {}
+  for remat in (False, True):
+    model = tiny_model(remat=remat, **overrides)
+    params = centerclip.init_params(model, jax.random.PRNGKey(3), clip_params)
+
+    def loss(p, model=model):
+      v, t, s = model.apply({"params": p}, f, mask, text, train=True,
+                            rngs={"cluster": jax.random.PRNGKey(0)})
+      return -jnp.sum(v * t) * jnp.exp(s)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    out[remat] = (step(params), step.lower(params).as_text().count("optimization_barrier"))
+  (value, grads), barriers = out[False]
+  (value_r, grads_r), barriers_r = out[True]
+  np.testing.assert_allclose(value_r, value, rtol=1e-6)
+  for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-6)
+  assert (barriers, barriers_r) == (0, TINY.vision_layers + TINY.transformer_layers)

@@ -312,13 +312,18 @@ def test_nonfinite_loss_stops_naming_step_and_checkpoint(tmp_path, monkeypatch):
 
 
 def test_skip_nonfinite_counts_skips(tmp_path, monkeypatch, caplog):
+  """Also runs the whole loop with `model.remat` on (recomputed blocks, donated state),
+  which on CPU warns that it saves no memory there."""
   from centerclip_jax.training import trainer  # pylint: disable=g-import-not-at-top
   _poison_batch(monkeypatch, 2)
   workdir = tmp_path / "run"
+  config = _tiny_config(tmp_path, skip_nonfinite=True)
+  config.model.remat = True
   with caplog.at_level("WARNING"):
-    results = trainer.train_and_evaluate(_tiny_config(tmp_path, skip_nonfinite=True),
-                                         str(workdir))
+    results = trainer.train_and_evaluate(config, str(workdir))
   assert any(m.startswith("skipped 1 non-finite update(s) so far (first at step 3")
+             for m in caplog.messages), caplog.messages
+  assert any(m.startswith("config.model.remat saves no memory on CPU")
              for m in caplog.messages), caplog.messages
   assert results["nonfinite_skipped"] == 1
   assert json.loads((workdir / "results.json").read_text())["nonfinite_skipped"] == 1

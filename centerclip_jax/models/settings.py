@@ -25,7 +25,7 @@ def model_config(max_frames: int = 12, num_blocks: int = 12,
   m.arch = "ViT-B/32"             # used for random init when config.init_from is empty
   m.clip_dims = ml_collections.ConfigDict()  # optional custom CLIPConfig fields (demo)
   m.dtype = "float32"             # compute dtype; params are always float32
-  m.remat = False                 # rematerialise residual blocks to save memory
+  m.remat = False                 # recompute residual blocks in the backward (TPU/GPU; not CPU)
   m.max_frames = max_frames
   m.max_words = 32
   m.sim_header = "meanP"          # 'meanP' or 'seqTransf'

@@ -220,6 +220,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate_mesh(config, jax.device_count(), jax.process_count())
   say(f"devices: {jax.device_count()} x {jax.devices()[0].platform} on "
       f"{jax.process_count()} host(s)")
+  if config.model.remat and jax.devices()[0].platform == "cpu":
+    logging.warning("config.model.remat saves no memory on CPU: XLA:CPU drops the barriers "
+                    "that keep the recomputed blocks apart and merges them back into the "
+                    "forward pass (it does on TPU and GPU)")
   logging.info("workdir %s; config:\n%s", workdir_path, config)
 
   builder = get_builder(config)
