@@ -16,6 +16,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import traceback
 from typing import Callable, Iterator, Optional, Sequence
 
 from absl import flags
@@ -98,16 +99,29 @@ class _LibraryNotices(logging.Filter):
   """Keeps other libraries' notices off the console below ERROR (the log file still gets
   them): deprecations (TFDS's `TensorInfo.dtype`, TF's `map_fn`, ...) and orbax restating
   the read-only manager the resolver opens ("CheckpointManagerOptions.read_only=True,
-  setting ...", "Given directory is read only=...")."""
+  setting ...", "Given directory is read only=..."). Also asyncio's "Task exception was
+  never retrieved" (an ERROR with a traceback) for orbax / TensorStore tasks: the other
+  reads of a failed restore, whose error was reported in one line, collected after the
+  program gave up."""
 
   _OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
   def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if record.name == "asyncio" and "exception was never retrieved" in message:
+      return not _from_checkpoint_io(record)
     if record.levelno >= logging.ERROR or record.pathname.startswith(self._OURS):
       return True
-    message = record.getMessage()
     return not ("deprecat" in message.lower() or "read_only=True" in message
                 or message.startswith("Given directory is read only"))
+
+
+def _from_checkpoint_io(record: logging.LogRecord) -> bool:
+  """Whether a record's message or traceback comes from orbax or TensorStore."""
+  text = record.getMessage()
+  if record.exc_info and record.exc_info[2] is not None:
+    text += "".join(traceback.format_tb(record.exc_info[2]))
+  return "orbax" in text or "tensorstore" in text.lower()
 
 
 def _late_callbacks_to_log(unraisable) -> None:

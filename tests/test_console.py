@@ -69,3 +69,39 @@ def test_late_event_loop_callbacks_go_to_the_log_file_only(tmp_path, monkeypatch
     console.setup_logging(None, verbosity=0)
   assert [str(e) for e in seen] == ["a real problem"]  # the previous hook gets the rest
   assert "late TensorStore callback" in log.read_text()
+
+
+def _exc_info_raised_in(filename: str):
+  code = compile("def read():\n  raise ValueError('Error reading zarr chunk')\n", filename, "exec")
+  namespace = {}
+  exec(code, namespace)  # pylint: disable=exec-used
+  try:
+    namespace["read"]()
+  except ValueError:
+    return sys.exc_info()
+  raise AssertionError("did not raise")
+
+
+def test_unretrieved_orbax_task_errors_go_to_the_log_file_only(tmp_path, capfd):
+  """A failed restore's other reads end as asyncio "Task exception was never retrieved"
+  ERRORs; from orbax/TensorStore they stay off the console, any other task's still show."""
+  log = console.setup_logging(tmp_path / "log.txt", verbosity=0)
+  try:
+    absl_logging.use_absl_handler()
+    asyncio_logger = logging.getLogger("asyncio")
+    for where in ("/x/site-packages/orbax/checkpoint/_src/serialization/tensorstore.py",
+                  "/x/site-packages/someserver/handlers.py"):
+      asyncio_logger.handle(asyncio_logger.makeRecord(
+          "asyncio", logging.ERROR, "/usr/lib/python3/asyncio/base_events.py", 1,
+          "Task exception was never retrieved\nfuture: <Task finished name='Task-7' "
+          "coro=<_wrap_awaitable()> exception=ValueError('Error reading zarr chunk')>", (),
+          _exc_info_raised_in(where)))
+    for handler in logging.getLogger().handlers:
+      handler.flush()
+    err = capfd.readouterr().err
+  finally:
+    console.setup_logging(None, verbosity=0)
+  assert "orbax/checkpoint" not in err
+  assert err.count("Task exception was never retrieved") == 1 and "someserver" in err
+  text = log.read_text()
+  assert text.count("Task exception was never retrieved") == 2 and "orbax/checkpoint" in text
