@@ -18,7 +18,7 @@ import numpy as np
 from centerclip_jax import paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 6  # of every training run here
+STEPS = 12  # of every training run here: the SIGTERM tests need steps left after the kill
 
 
 def env(**extra) -> dict:

@@ -1,6 +1,6 @@
 """User paths in a bucket, part 3: `main` as two hosts (jax.distributed on localhost,
 tests/multihost_worker.py main), each with its own TMPDIR and HOME, nothing shared but the
-GCS emulator's bucket, which holds the workdir and the data (train mode, 6 steps).
+GCS emulator's bucket, which holds the workdir and the data (train mode, 12 steps).
 
 SIGTERM to one host stops both at the same step through the preemption sync point; both
 save that step into the bucket and exit 143; the same command resumes both from it to the
