@@ -117,11 +117,12 @@ def cluster_time(model, params, frames, mask, repeats: int) -> float:
   return total
 
 
-def compile_train_step(model, global_batch: int, words: int = 32):
-  """One compiled train step (not executed): training's own (`trainer.make_train_step`,
-  the state donated as `_train` does) with the default recipe's optimizer
-  (`optim.make_optimizer`, `config.train`), so that its memory is that of the program
-  `main` runs."""
+def train_memory(model, global_batch: int, words: int = 32) -> int:
+  """Peak bytes of one compiled train step (XLA memory analysis, not executed).
+
+  The step is training's own (`trainer.make_train_step`, the state donated as `_train`
+  does) with the default recipe's optimizer (`optim.make_optimizer`, `config.train`),
+  so the figure is that of the program `main` runs."""
   params = centerclip.abstract_params(model)
   t = config_lib.base_config().train
   tx, _ = optim.make_optimizer(
@@ -136,13 +137,9 @@ def compile_train_step(model, global_batch: int, words: int = 32):
            "frame_mask": jax.ShapeDtypeStruct((global_batch, model.max_frames), jnp.bool_),
            "text": jax.ShapeDtypeStruct((global_batch, words), jnp.int32)}
   trainable = optim.trainable_mask(params, freeze_layer_num=t.freeze_layer_num)
-  return jax.jit(trainer.make_train_step(model, tx, trainable),
-                 donate_argnums=(0,)).lower(state, batch).compile()
-
-
-def train_memory(model, global_batch: int, words: int = 32) -> int:
-  """Peak bytes of one compiled train step (XLA memory analysis, not executed)."""
-  mem = compile_train_step(model, global_batch, words).memory_analysis()
+  compiled = jax.jit(trainer.make_train_step(model, tx, trainable),
+                     donate_argnums=(0,)).lower(state, batch).compile()
+  mem = compiled.memory_analysis()
   return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)
 
@@ -390,10 +387,7 @@ def main():
   args = parser.parse_args()
   if args.memory_breakdown:
     import memory_breakdown  # pylint: disable=g-import-not-at-top  (tools/)
-    out = memory_breakdown.measure("ViT-B/32", args.train_batch, "float32")
-    memory_breakdown.print_report(out)
-    if args.json:
-      pathlib.Path(args.json).write_text(json.dumps(out, indent=2))
+    memory_breakdown.run("ViT-B/32", args.train_batch, "float32", args.json)
     return
   if args.indexing:
     out = indexing(workers=args.workers, batch_size=args.batch or 8)

@@ -3,7 +3,7 @@ r"""What the memory peak of the compiled train step holds, baseline vs `B6 - 4, 
   python tools/memory_breakdown.py [--arch ViT-B/32] [--train_batch 32] [--dtype float32]
   python tools/benchmark.py --memory-breakdown   # the same, ViT-B/32, batch 32, float32
 
-Each configuration's train step (`benchmark.compile_train_step`: training's own step and
+Each configuration's train step (`benchmark.train_memory`: training's own step and
 optimizer, state donated) is compiled, not run, in a fresh process with
 `XLA_FLAGS=--xla_dump_to=DIR`. XLA writes the live ranges of the scheduled program and the
 buffers live at its peak (`*-live-range.txt`); each buffer is attributed by the op that
@@ -128,6 +128,15 @@ def print_report(result: dict) -> None:
   print(f"floor (state, batch and residuals only): {saved(ours) / saved(base):.4f}")
 
 
+def run(arch: str, batch: int, dtype: str, json_path: str | None = None) -> dict:
+  """`measure`, printed (and written to `json_path` as {config: {part: bytes}})."""
+  result = measure(arch, batch, dtype)
+  print_report(result)
+  if json_path:
+    pathlib.Path(json_path).write_text(json.dumps(result, indent=2))
+  return result
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--arch", default="ViT-B/32", choices=("ViT-B/32", "ViT-B/16"))
@@ -139,10 +148,7 @@ def main():
   if args.compile:
     _compile_and_dump(**json.loads(args.compile))
     return
-  result = measure(args.arch, args.train_batch, args.dtype)
-  print_report(result)
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+  run(args.arch, args.train_batch, args.dtype, args.json)
 
 
 if __name__ == "__main__":
